@@ -1,0 +1,101 @@
+"""Typed run configuration, loaded from a small TOML recipe (one per backbone).
+
+Unknown keys are rejected so a typo never silently falls back to a default. The final
+config is written into the model card.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from covidtl.models import MODES, list_models
+
+BALANCE = ("none", "loss", "sampler", "sampler_source")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. Defaults are the seed recipes' (Adam 1e-4, wd 1e-4, 50 epochs,
+    ReduceLROnPlateau on validation AUC, resize then center crop at 0.9)."""
+
+    name: str
+    backbone: str
+    mode: str = "finetune"
+    pretrained: bool = True
+    epochs: int = 50
+    batch_size: int = 32
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    plateau_patience: int = 3
+    plateau_factor: float = 0.1
+    early_stopping_patience: int = 10
+    crop_fraction: float = 0.9
+    hflip: bool = True
+    rotation: float = 10.0
+    color_jitter: float = 0.1
+    # "loss": class-weighted cross entropy; "sampler": class-balanced sampling;
+    # "sampler_source": balanced over (label, source) pairs, against source shortcuts.
+    balance: str = "loss"
+    mean: tuple[float, ...] | None = None  # None: the backbone's; or e.g. COVIDx stats
+    std: tuple[float, ...] | None = None
+    min_sensitivity: float = 0.90  # operating point chosen on validation
+    n_boot: int = 1000
+    seed: int = 0
+    num_workers: int = 2
+    amp: bool = True  # CUDA only
+    channels_last: bool = True  # CUDA only
+    weights_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.backbone not in list_models():
+            raise ValueError(f"unknown backbone {self.backbone!r}; choose from {list_models()}")
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; choose from {list(MODES)}")
+        if self.balance not in BALANCE:
+            raise ValueError(f"unknown balance {self.balance!r}; choose from {list(BALANCE)}")
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("give both mean and std, or neither")
+        if self.weights_dtype not in ("float32", "float16"):
+            raise ValueError(f"weights_dtype must be 'float32' or 'float16', not {self.weights_dtype!r}")
+        if not 0 < self.crop_fraction <= 1:
+            raise ValueError(f"crop_fraction must be in (0, 1], not {self.crop_fraction}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be positive")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def config_from_dict(values: dict[str, Any], source: str = "config") -> TrainConfig:
+    """Build a TrainConfig, rejecting unknown keys (naming them and the known ones)."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{source}: unknown keys {unknown}; known keys are {sorted(known)}")
+    values = dict(values)
+    for key in ("mean", "std"):
+        if values.get(key) is not None:
+            values[key] = tuple(float(v) for v in values[key])
+    return TrainConfig(**values)
+
+
+def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Read a TOML recipe and apply `overrides` (None values are ignored)."""
+    path = Path(path)
+    try:
+        values = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"recipe {path} not found; recipes live in train/recipes/") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"{path}: invalid TOML ({err})") from None
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return config_from_dict(values, source=str(path))
+
+
+def replace(config: TrainConfig, **changes: Any) -> TrainConfig:
+    return dataclasses.replace(config, **changes)
+

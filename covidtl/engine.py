@@ -1,0 +1,131 @@
+"""One training epoch, one evaluation pass, and the sampler they share.
+
+Works unchanged on CPU, one GPU (AMP + channels_last) and under DistributedDataParallel:
+losses are summed across processes so every rank reports the same numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+
+from covidtl.classes import POSITIVE
+
+Progress = Callable[[Iterable], Iterable] | None
+
+
+def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device, channels_last: bool):
+    images = images.to(device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, labels.to(device, non_blocking=True)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    criterion: nn.Module,
+    device: torch.device,
+    scaler: torch.amp.GradScaler | None = None,
+    channels_last: bool = False,
+    progress: Progress = None,
+) -> dict[str, float]:
+    """Train for one pass over `loader`; returns {"train_loss": mean loss per image}.
+
+    `scaler` enables fp16 autocast (CUDA); `progress` wraps the loader (e.g. tqdm).
+    """
+    model.train()
+    loss_sum, count = 0.0, 0
+    for images, labels in progress(loader) if progress else loader:
+        images, labels = _to_device(images, labels, device, channels_last)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=scaler is not None):
+            loss = criterion(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        loss_sum += loss.item() * len(labels)
+        count += len(labels)
+    loss_sum, count = _all_reduce_sum([loss_sum, float(count)], device)
+    return {"train_loss": loss_sum / max(count, 1)}
+
+
+@torch.no_grad()
+def predict_scores(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    criterion: nn.Module | None = None,
+    amp: bool = False,
+    channels_last: bool = False,
+    progress: Progress = None,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """P(positive) for every image of `loader`, in loader order.
+
+    Returns (scores [N] float64 in [0, 1], labels [N] int64, mean loss or nan). Every
+    process evaluates the whole loader (no sharding), so all ranks agree exactly.
+    """
+    model.eval()
+    scores, labels_all, loss_sum = [], [], 0.0
+    for images, labels in progress(loader) if progress else loader:
+        images, labels = _to_device(images, labels, device, channels_last)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            logits = model(images).float()
+        if criterion is not None:
+            loss_sum += criterion(logits, labels).item() * len(labels)
+        scores.append(torch.softmax(logits, dim=1)[:, POSITIVE].double().cpu())
+        labels_all.append(labels.cpu())
+    n = sum(len(s) for s in scores)
+    mean_loss = loss_sum / n if criterion is not None and n else float("nan")
+    return torch.cat(scores).numpy(), torch.cat(labels_all).numpy(), mean_loss
+
+
+class EpochSampler(Sampler[int]):
+    """Shuffled, optionally weighted, sharded sampling that is a pure function of
+    (seed, epoch, rank): the same indices on a resumed run, disjoint shards per rank.
+
+    `weights=None` is a plain shuffle without replacement (like DistributedSampler,
+    padding so every rank gets the same count); with weights it draws
+    `len(weights)` indices with replacement (class- or source-balanced).
+    """
+
+    def __init__(self, n: int, weights: torch.Tensor | None = None, seed: int = 0, rank: int = 0, world_size: int = 1):
+        if weights is not None and len(weights) != n:
+            raise ValueError(f"{len(weights)} weights for {n} samples")
+        self.n, self.weights, self.seed, self.rank, self.world_size = n, weights, seed, rank, world_size
+        self.epoch = 0
+        self.per_rank = -(-n // world_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        total = self.per_rank * self.world_size
+        if self.weights is None:
+            order = torch.randperm(self.n, generator=g)
+            order = torch.cat([order, order[: total - self.n]])
+        else:
+            order = torch.multinomial(self.weights.double(), total, replacement=True, generator=g)
+        return iter(order[self.rank :: self.world_size].tolist())

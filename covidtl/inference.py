@@ -1,0 +1,287 @@
+"""Run exported models on uploaded images: load once, preprocess, predict, explain.
+
+- `load_upload` turns an uploaded file (image or DICOM) into an RGB image, refusing empty,
+  oversized and unreadable files with a `BadInputError` that says what is accepted.
+- `Predictor` wraps one exported model (safetensors + card): the card's preprocessing,
+  its operating threshold, and a lock that serializes every forward pass on the model,
+  because CAM hooks on a shared model would otherwise catch other threads' passes.
+- `ModelStore` is a folder of exported models: cards are read at once, weights on first
+  use, then reused. `load_predictors` loads a whole folder eagerly.
+
+Only ``.safetensors`` weights with a JSON card are ever loaded; pickles are ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from safetensors import SafetensorError
+from torchvision.transforms import v2
+
+from covidtl.classes import CLASSES, POSITIVE
+from covidtl.data import UnreadableImageError, build_transform, eval_geometry, load_image
+from covidtl.dicom import HEAD_LENGTH, DicomError, is_dicom, read_dicom
+from covidtl.explain import DEFAULT_METHOD, explain
+from covidtl.export import CARD_SUFFIX, CardError, list_exported, load_model, read_card
+from covidtl.models import ModelSpec, get_spec
+
+log = logging.getLogger(__name__)
+
+MAX_UPLOAD_BYTES = 50 * 2**20
+MAX_PIXELS = 50_000_000  # about 7000 x 7000; real chest X-rays are under 20 megapixels
+DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
+PICKLE_SUFFIXES = frozenset({".pt", ".pth", ".ckpt", ".bin", ".pkl"})
+ACCEPTED = "PNG, JPEG, BMP or TIFF (8- or 16-bit), or a DICOM file"
+DEFAULT_CROP_FRACTION = 0.9
+
+
+class BadInputError(ValueError):
+    """An uploaded file that cannot be classified; the message is meant for the user."""
+
+
+class ModelLoadError(RuntimeError):
+    """An exported model whose weights or card cannot be loaded."""
+
+
+# --------------------------------------------------------------------------- uploads
+
+
+def _check_image_pixels(path: Path, max_pixels: int) -> None:
+    """Refuse images over `max_pixels` from the header alone, before decoding."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except Image.DecompressionBombError as err:
+        raise BadInputError(f"{path.name} is too large to decode safely ({err})") from err
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise BadInputError(f"{path.name} is not an image this app can read; upload {ACCEPTED}") from err
+    if width * height > max_pixels:
+        raise BadInputError(
+            f"{path.name} is {width} x {height} = {width * height / 1e6:.1f} megapixels; "
+            f"the limit is {max_pixels / 1e6:.0f} megapixels. Downscale it and upload again"
+        )
+
+
+def load_upload(path: str | Path | None, max_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Read an uploaded file as an 8-bit RGB image.
+
+    DICOM is recognised by its ``DICM`` signature or a ``.dcm``/``.dicom`` name; anything
+    else is opened as an image (PNG, JPEG, BMP, TIFF, 8 or 16 bit).
+
+    Raises:
+        BadInputError: no file, an empty or missing file, more than `max_bytes` bytes or
+            `max_pixels` pixels, or a file that is not a readable image or DICOM.
+    """
+    if path is None or str(path) == "":
+        raise BadInputError(f"no file was uploaded; choose a chest X-ray ({ACCEPTED})")
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise BadInputError(f"the uploaded file {path.name} is no longer there; upload it again") from None
+    if size == 0:
+        raise BadInputError(f"{path.name} is empty (0 bytes); upload {ACCEPTED}")
+    if size > max_bytes:
+        raise BadInputError(f"{path.name} is {size / 2**20:.1f} MiB; the limit is {max_bytes / 2**20:.0f} MiB")
+    with open(path, "rb") as f:
+        head = f.read(HEAD_LENGTH)
+
+    if is_dicom(head) or path.suffix.lower() in DICOM_SUFFIXES:
+        try:
+            return read_dicom(path, max_pixels=max_pixels)
+        except DicomError as err:
+            raise BadInputError(f"{path.name}: {err}") from err
+    _check_image_pixels(path, max_pixels)
+    try:
+        return load_image(path)
+    except UnreadableImageError as err:
+        reason = err.__cause__ or err
+        raise BadInputError(
+            f"{path.name} cannot be decoded ({type(reason).__name__}: {reason}); it may be "
+            f"truncated or corrupt. Upload {ACCEPTED}"
+        ) from err
+
+
+# --------------------------------------------------------------------------- predictor
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One model's answer for one image.
+
+    `probabilities` maps every name in `CLASSES` to its softmax probability;
+    `decision` is True (COVID-19 flagged) when ``p_positive >= threshold``, the model's
+    operating threshold from its card. `latency_ms` covers preprocessing (when the call
+    did it) and the forward pass, not time spent waiting for the model's lock.
+    """
+
+    probabilities: dict[str, float]
+    p_positive: float
+    decision: bool
+    threshold: float
+    latency_ms: float
+
+
+class Predictor:
+    """One exported model, loaded once and safe to share between threads.
+
+    The lock serializes every forward pass (plain or with CAM hooks) on the model.
+    """
+
+    def __init__(self, model: torch.nn.Module, card: dict[str, Any], device: str | torch.device = "cpu") -> None:
+        self.model = model.to(device).eval()
+        self.card = card
+        self.device = torch.device(device)
+        self.name: str = card["name"]
+        self.spec: ModelSpec = get_spec(card["architecture"])
+        self.threshold = float(card["threshold"])
+        self.input_size = int(card["input_size"])
+        self.crop_fraction = float(card.get("crop_fraction", DEFAULT_CROP_FRACTION))
+        self.mean = tuple(float(m) for m in card["mean"])
+        self.std = tuple(float(s) for s in card["std"])
+        self.transform = build_transform(self.input_size, self.mean, self.std, train=False, crop_fraction=self.crop_fraction)
+        self._view = v2.Compose(eval_geometry(self.input_size, self.crop_fraction))
+        self.lock = threading.Lock()
+
+    @classmethod
+    def from_file(cls, path: str | Path, device: str | torch.device = "cpu") -> Predictor:
+        """Load ``<name>.safetensors`` and its card (see `covidtl.export.load_model`)."""
+        model, card = load_model(path, device=device)
+        return cls(model, card, device)
+
+    @property
+    def geometry(self) -> tuple:
+        """Models with equal geometry turn an image into the same input tensor."""
+        return (self.input_size, self.crop_fraction, self.mean, self.std)
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """RGB image -> normalized float32 tensor [1, 3, S, S] on the model's device."""
+        return self.transform(image.convert("RGB")).unsqueeze(0).to(self.device)
+
+    def view(self, image: Image.Image) -> np.ndarray:
+        """The part of `image` the model sees (resized, center-cropped), uint8 [S, S, 3]."""
+        return np.asarray(self._view(image.convert("RGB")))
+
+    def predict(self, image: Image.Image | torch.Tensor) -> Prediction:
+        """Classify an RGB image, or a tensor from `preprocess` of an equal-geometry model."""
+        start = time.perf_counter()
+        x = self.preprocess(image) if isinstance(image, Image.Image) else image.to(self.device)
+        elapsed = time.perf_counter() - start
+        with self.lock:
+            start = time.perf_counter()
+            with torch.inference_mode():
+                logits = self.model(x)
+            elapsed += time.perf_counter() - start
+        probs = torch.softmax(logits.float(), dim=1)[0].tolist()
+        p_positive = probs[POSITIVE]
+        return Prediction(
+            probabilities=dict(zip(CLASSES, probs)),
+            p_positive=p_positive,
+            decision=p_positive >= self.threshold,
+            threshold=self.threshold,
+            latency_ms=1000.0 * elapsed,
+        )
+
+    def explain(self, image: Image.Image | torch.Tensor, method: str = DEFAULT_METHOD, class_index: int = POSITIVE) -> np.ndarray:
+        """CAM heatmap [S, S] in [0, 1] over `view(image)`, hooked at the spec's `cam_layer`."""
+        x = self.preprocess(image) if isinstance(image, Image.Image) else image.to(self.device)
+        with self.lock:
+            return explain(self.model, x, self.spec.cam_layer, method, class_index)
+
+
+# --------------------------------------------------------------------------- folders
+
+
+_LOAD_ERRORS = (CardError, FileNotFoundError, OSError, ValueError, RuntimeError, KeyError, SafetensorError)
+
+
+class ModelStore:
+    """The exported models in one folder: cards are read now, weights on first `get`.
+
+    `cards` maps model name -> card for every loadable-looking model; `skipped` maps file
+    name -> reason for files that will not be offered (broken cards, weights without a
+    card, pickles, duplicate names, weights that failed to load).
+    """
+
+    def __init__(self, weights_dir: str | Path, device: str | torch.device = "cpu") -> None:
+        self.weights_dir = Path(weights_dir)
+        self.device = device
+        self.cards: dict[str, dict[str, Any]] = {}
+        self.skipped: dict[str, str] = {}
+        self._paths: dict[str, Path] = {}
+        self._predictors: dict[str, Predictor] = {}
+        self._failed: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._scan()
+
+    def _skip(self, path: Path, reason: str) -> None:
+        log.warning("skipping %s: %s", path, reason)
+        self.skipped[path.name] = reason
+
+    def _scan(self) -> None:
+        if not self.weights_dir.is_dir():
+            return
+        for path in sorted(self.weights_dir.iterdir()):
+            if path.suffix.lower() in PICKLE_SUFFIXES:
+                self._skip(path, "pickled checkpoints are never loaded (unpickling runs code); export to safetensors")
+            elif path.suffix == ".safetensors" and not path.with_suffix(CARD_SUFFIX).is_file():
+                self._skip(path, f"no model card {path.with_suffix(CARD_SUFFIX).name} beside it")
+        for path in list_exported(self.weights_dir):
+            try:
+                card = read_card(path.with_suffix(CARD_SUFFIX))
+            except CardError as err:
+                self._skip(path, str(err))
+                continue
+            name = card["name"]
+            if name in self.cards:
+                self._skip(path, f"model name {name!r} is already used by {self._paths[name].name}")
+                continue
+            self.cards[name] = card
+            self._paths[name] = path
+
+    def names(self) -> list[str]:
+        """Names of the models on offer, sorted by file name."""
+        return list(self.cards)
+
+    def get(self, name: str) -> Predictor:
+        """The loaded model `name` (loaded on first call, then reused)."""
+        if name not in self.cards:
+            raise ValueError(f"unknown model {name!r}; available: {self.names()}")
+        with self._lock:
+            if name in self._failed:
+                raise ModelLoadError(self._failed[name])
+            if name not in self._predictors:
+                path = self._paths[name]
+                try:
+                    self._predictors[name] = Predictor.from_file(path, self.device)
+                except _LOAD_ERRORS as err:
+                    self._failed[name] = f"model {name!r} ({path.name}) could not be loaded: {err}"
+                    self._skip(path, str(err))
+                    raise ModelLoadError(self._failed[name]) from err
+            return self._predictors[name]
+
+    def load_all(self) -> dict[str, Predictor]:
+        """Every model that loads, by name; failures are logged and listed in `skipped`."""
+        loaded = {}
+        for name in self.names():
+            try:
+                loaded[name] = self.get(name)
+            except ModelLoadError:
+                continue  # already logged and recorded in self.skipped by get()
+        return loaded
+
+
+def load_predictors(weights_dir: str | Path, device: str | torch.device = "cpu") -> dict[str, Predictor]:
+    """Load every exported model in `weights_dir` (safetensors + card), by card name.
+
+    Broken cards or weights are logged and skipped; pickled checkpoints are never loaded.
+    """
+    return ModelStore(weights_dir, device).load_all()

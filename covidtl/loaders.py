@@ -1,0 +1,80 @@
+"""DataLoaders for training and evaluation, built from label records and a recipe."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from covidtl.config import TrainConfig
+from covidtl.data import CovidxDataset, Record, balanced_sampler_weights, build_transform
+from covidtl.engine import EpochSampler
+
+
+def eval_loader(
+    records: Sequence[Record],
+    image_dir: Path,
+    input_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    crop_fraction: float = 0.9,
+    batch_size: int = 64,
+    num_workers: int = 2,
+) -> DataLoader:
+    """Deterministic loader in record order (resize, center crop, normalize)."""
+    transform = build_transform(input_size, mean, std, train=False, crop_fraction=crop_fraction)
+    return DataLoader(
+        CovidxDataset(records, image_dir, transform),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+    )
+
+
+def train_loader(
+    records: Sequence[Record],
+    image_dir: Path,
+    config: TrainConfig,
+    input_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    rank: int = 0,
+    world_size: int = 1,
+) -> tuple[DataLoader, EpochSampler]:
+    """Augmented, shuffled (or balanced, per `config.balance`) loader, sharded by rank.
+
+    Call `sampler.set_epoch(epoch)` before each epoch: the order is a function of
+    (seed, epoch, rank), so a resumed run sees the same batches.
+    """
+    transform = build_transform(
+        input_size,
+        mean,
+        std,
+        train=True,
+        crop_fraction=config.crop_fraction,
+        hflip=config.hflip,
+        rotation=config.rotation,
+        color_jitter=config.color_jitter,
+    )
+    weights = None
+    if config.balance == "sampler":
+        weights = balanced_sampler_weights(records, by="label")
+    elif config.balance == "sampler_source":
+        weights = balanced_sampler_weights(records, by="label_source")
+    sampler = EpochSampler(len(records), weights, seed=config.seed, rank=rank, world_size=world_size)
+    loader = DataLoader(
+        CovidxDataset(records, image_dir, transform),
+        batch_size=config.batch_size,
+        sampler=sampler,
+        num_workers=config.num_workers,
+        pin_memory=torch.cuda.is_available(),
+        drop_last=len(sampler) > config.batch_size,  # no size-1 batches for BatchNorm
+        # Fresh workers each epoch take their seeds from the main RNG, which the
+        # training loop seeds per epoch: augmentation is then identical after --resume.
+        persistent_workers=False,
+    )
+    return loader, sampler

@@ -1,0 +1,106 @@
+"""Per-channel normalization statistics (mean, std) of a split of chest X-rays.
+
+Statistics are of pixel values in [0, 1] after the eval framing of :mod:`covidtl.data`
+(RGB load, ``Resize(round(size / crop_fraction))``, ``CenterCrop(size)``), over all pixels
+of all images: the population mean and std that ``Normalize`` expects.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from torchvision.transforms import v2
+
+from covidtl.data import CovidxDataset, Record, eval_geometry, load_image
+
+__all__ = ["COVIDX_STATS", "compute_stats", "reference_stats"]
+
+Triple = tuple[float, float, float]
+
+# Mean and std per RGB channel, measured with compute_stats (size 224) on the full COVIDx
+# train split. X-rays are grey, so the three channels agree. The default for COVIDx recipes;
+# measure your own data with compute_stats when it comes from elsewhere.
+COVIDX_STATS: tuple[Triple, Triple] = ((0.5163,) * 3, (0.2481,) * 3)
+
+
+def _finish(total: Sequence[float], total_sq: Sequence[float], count: int) -> tuple[Triple, Triple]:
+    if count == 0:
+        raise ValueError("no pixels: the split has no images")
+    # Sums are of 0..255 integers, exact in float64 up to 2**53; scale to [0, 1] at the end.
+    means = [s / (count * 255.0) for s in total]
+    stds = [math.sqrt(max(sq / (count * 255.0**2) - m * m, 0.0)) for sq, m in zip(total_sq, means)]
+    return (means[0], means[1], means[2]), (stds[0], stds[1], stds[2])
+
+
+def compute_stats(
+    records: Sequence[Record],
+    image_dir: Path,
+    size: int = 224,
+    batch_size: int = 32,
+    num_workers: int = 2,
+    progress: Callable[[Iterable], Iterable] | None = None,
+    crop_fraction: float = 0.9,
+) -> tuple[Triple, Triple]:
+    """Return ``(mean, std)`` per RGB channel, in [0, 1] units, of ``records``' images.
+
+    Streams uint8 batches ``[B, 3, size, size]`` from a DataLoader with ``num_workers``
+    worker processes and accumulates per-channel sums and sums of squares in float64.
+
+    Args:
+        progress: optional wrapper of an iterable (e.g. ``tqdm``) over the batches.
+    """
+    transform = v2.Compose([*eval_geometry(size, crop_fraction), v2.ToImage()])
+    loader = DataLoader(
+        CovidxDataset(records, image_dir, transform),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+    )
+    total = torch.zeros(3, dtype=torch.float64)
+    total_sq = torch.zeros(3, dtype=torch.float64)
+    count = 0
+    batches = progress(loader) if progress is not None else loader
+    for images, _ in batches:
+        pixels = images.as_subclass(torch.Tensor).to(torch.float64)
+        total += pixels.sum(dim=(0, 2, 3))
+        total_sq += pixels.square().sum(dim=(0, 2, 3))
+        count += pixels.shape[0] * pixels.shape[2] * pixels.shape[3]
+    return _finish(total.tolist(), total_sq.tolist(), count)
+
+
+def reference_stats(
+    records: Sequence[Record],
+    image_dir: Path,
+    size: int = 224,
+    crop_fraction: float = 0.9,
+) -> tuple[Triple, Triple]:
+    """The plain per-image float64 numpy loop that :func:`compute_stats` must match.
+
+    Two passes (mean, then squared deviations from it), so it does not share the
+    sum-of-squares formula it checks. Slow; for tests and benchmarks.
+    """
+    geometry = v2.Compose(eval_geometry(size, crop_fraction))
+    image_dir = Path(image_dir)
+
+    def pixels() -> Iterable[np.ndarray]:
+        for record in records:
+            image = geometry(load_image(image_dir / record.filename))
+            yield np.asarray(image, dtype=np.float64).reshape(-1, 3) / 255.0
+
+    total, count = np.zeros(3), 0
+    for values in pixels():
+        total += values.sum(axis=0)
+        count += values.shape[0]
+    if count == 0:
+        raise ValueError("no pixels: the split has no images")
+    mean = total / count
+    squared = np.zeros(3)
+    for values in pixels():
+        squared += ((values - mean) ** 2).sum(axis=0)
+    std = np.sqrt(squared / count)
+    return tuple(mean.tolist()), tuple(std.tolist())

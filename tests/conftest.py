@@ -1,0 +1,86 @@
+"""Shared test fixtures: a tiny synthetic COVIDx folder and the optional real data.
+
+``tiny_covidx`` builds a folder in the COVIDx layout (train/val/test label files and image
+folders) of 64x64 images in which positives carry a bright central blob, so a small model
+can learn the task in a few steps. Every split holds both labels and two sources
+(``srcA``: grayscale PNG, ``srcB``: RGB JPEG); patients never cross splits, and some
+patients have two images.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+SOURCES = ("srcA", "srcB")
+DEFAULT_SPLIT_SIZES = {"train": 12, "val": 6, "test": 6}
+
+
+def shared_data_dir() -> Path | None:
+    """``../shared/data`` next to the repository (real images, not redistributable), or None."""
+    path = Path(__file__).resolve().parents[2] / "shared" / "data"
+    return path if path.is_dir() else None
+
+
+def synthetic_xray(label: int, source: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A ``[size, size]`` uint8 image; positives have a bright disk in the middle."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    radius = np.hypot(yy - size / 2, xx - size / 2)
+    image = 60.0 + (15.0 if source == "srcB" else 0.0) + rng.normal(0.0, 12.0, (size, size))
+    if label == 1:
+        image += 140.0 * (radius < size / 4)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def make_covidx_folder(
+    tmp_path: Path,
+    n_per_split: int | dict[str, int] | None = None,
+    size: int = 64,
+    seed: int = 0,
+) -> Path:
+    """Write a synthetic COVIDx folder under ``tmp_path / "covidx"`` and return it.
+
+    Images cycle through (positive, srcA), (negative, srcA), (positive, srcB),
+    (negative, srcB), so a split of 4 or more images holds both labels and both sources.
+    Image ``i`` and ``i + 4`` of a split share a patient.
+    """
+    sizes = DEFAULT_SPLIT_SIZES if n_per_split is None else n_per_split
+    if isinstance(sizes, int):
+        sizes = {split: sizes for split in DEFAULT_SPLIT_SIZES}
+    rng = np.random.default_rng(seed)
+    combos = [(1, "srcA"), (0, "srcA"), (1, "srcB"), (0, "srcB")]
+    root = tmp_path / "covidx"
+    for split, count in sizes.items():
+        (root / split).mkdir(parents=True)
+        lines = []
+        for i in range(count):
+            label, source = combos[i % len(combos)]
+            pixels = synthetic_xray(label, source, size, rng)
+            if source == "srcA":
+                filename = f"{split}_{i:03d}.png"
+                Image.fromarray(pixels, mode="L").save(root / split / filename)
+            else:
+                filename = f"{split}_{i:03d}.jpg"
+                Image.fromarray(np.stack([pixels] * 3, axis=-1)).save(root / split / filename, quality=95)
+            patient = f"{split}-{source}-{label}-{i // (2 * len(combos))}"
+            lines.append(f"{patient} {filename} {'positive' if label else 'negative'} {source}\n")
+        (root / f"{split}.txt").write_text("".join(lines))
+    return root
+
+
+@pytest.fixture
+def tiny_covidx(tmp_path: Path) -> Path:
+    """Root of a synthetic COVIDx folder: 12 train, 6 val, 6 test images of 64x64."""
+    return make_covidx_folder(tmp_path)
+
+
+@pytest.fixture
+def covidx_mini() -> Path:
+    """Root of the real ``covidx-mini`` folder; skips the test when it is absent."""
+    shared = shared_data_dir()
+    if shared is None or not (shared / "covidx-mini").is_dir():
+        pytest.skip("real data ../shared/data/covidx-mini is absent (only on development machines)")
+    return shared / "covidx-mini"

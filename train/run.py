@@ -1,0 +1,371 @@
+"""`python -m train`: fit one recipe, pick the operating threshold on validation, score
+the test split, export weights + card + plots. Readable top to bottom: setup, data,
+model, the epoch loop, final evaluation, export."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import os
+import platform
+import random
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+from torch import nn
+from tqdm import tqdm
+
+import covidtl
+from covidtl import metrics, plots
+from covidtl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from covidtl.classes import CLASSES
+from covidtl.config import TrainConfig, load_recipe
+from covidtl.data import (
+    KAGGLE_HANDLE,
+    DatasetUnavailableError,
+    LabelFileError,
+    MissingImagesError,
+    CorruptImagesError,
+    check_images,
+    class_weights,
+    parse_label_file,
+    resolve_dataset_root,
+    scan_images,
+    split_paths,
+)
+from covidtl.engine import predict_scores, train_one_epoch
+from covidtl.evaluation import report_with_plots
+from covidtl.export import CardError, atomic_save_tensors, atomic_write_json, export_model, sha256_file, unwrap
+from covidtl.loaders import eval_loader, train_loader
+from covidtl.models import PretrainedWeightsUnavailable, count_parameters, create_model, get_spec, list_models
+from covidtl.provenance import shortcut_warnings, source_table, split_summary
+from covidtl.stats import compute_stats
+
+log = logging.getLogger("train")
+
+INTENDED_USE = (
+    "Research and teaching demonstration of transfer learning and Grad-CAM on chest X-rays. "
+    "Not a medical device; not for diagnosis, triage or any clinical decision."
+)
+# These are true of every model this command produces, whatever the data.
+GENERAL_LIMITATIONS = [
+    "Not validated on an external hospital's images: expect lower performance on a new site, "
+    "scanner or population; validate with `python -m train.evaluate` on your own data first.",
+    "Metrics come from a small test split; read the 95 % bootstrap intervals, not the point values alone.",
+    "A binary COVID-19 positive/negative label: other findings are not detected or reported.",
+]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m train", description=__doc__, allow_abbrev=False)
+    p.add_argument("--recipe", type=Path, required=True, help="TOML recipe, e.g. train/recipes/resnet18.toml")
+    p.add_argument("--data", type=Path, help="local folder in the COVIDx layout; omit to download with kagglehub")
+    p.add_argument("--kaggle-handle", default=KAGGLE_HANDLE)
+    p.add_argument("--kaggle-version", type=int, help="pin the Kaggle dataset version")
+    p.add_argument("--weights-dir", type=Path, default=Path("weights"), help="where the exported model goes")
+    p.add_argument("--runs-dir", type=Path, default=Path("runs"), help="checkpoints and per-epoch logs")
+    p.add_argument("--name", help="override the recipe's model name")
+    p.add_argument("--backbone", choices=list_models(), help="override the recipe's backbone")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--num-workers", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
+                   help="ImageNet initialisation (--no-pretrained trains from scratch)")
+    p.add_argument("--stats", choices=("recipe", "compute"), default="recipe",
+                   help="normalization: the recipe's/backbone's mean and std, or compute them on the train split")
+    p.add_argument("--on-missing", choices=("error", "skip"), default="error", help="images listed but absent")
+    p.add_argument("--on-corrupt", choices=("error", "skip"), default="error", help="images that do not decode")
+    p.add_argument("--resume", action="store_true", help="continue from runs/<name>/last after the last completed epoch")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
+    return p.parse_args(argv)
+
+
+# --- setup -------------------------------------------------------------------------
+
+
+def setup_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device). Under torchrun, joins the process group."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and (device_arg is None or device_arg.startswith("cuda"))
+    if world_size > 1:
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        if not use_cuda:
+            # Processes on one machine share its cores; oversubscribing them is slower.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
+    rank = dist.get_rank() if world_size > 1 else 0
+    if use_cuda:
+        device = torch.device(device_arg if device_arg and world_size == 1 else f"cuda:{local_rank}")
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device(device_arg or "cpu")
+    return rank, world_size, device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
+def load_splits(root: Path, on_missing: str, on_corrupt: str) -> dict[str, tuple[list, Path]]:
+    """{split: (records, image_dir)} for train, val and (if present) test. Missing and
+    corrupt images are found here, before any training starts."""
+    splits = {}
+    for split in ("train", "val", "test"):
+        if split == "test" and not (root / "test.txt").is_file():
+            continue  # a folder may hold only train and val
+        label_file, image_dir = split_paths(root, split)
+        records = check_images(parse_label_file(label_file), image_dir, on_missing=on_missing)
+        records = scan_images(records, image_dir, on_corrupt=on_corrupt)
+        splits[split] = (records, image_dir)
+    return splits
+
+
+def normalization(config: TrainConfig, args: argparse.Namespace, train_split, input_size: int, show: bool):
+    spec = get_spec(config.backbone)
+    if args.stats == "compute":
+        records, image_dir = train_split
+        bar = lambda it: tqdm(it, desc="normalization stats", leave=False, disable=not show)  # noqa: E731
+        mean, std = compute_stats(records, image_dir, size=input_size, num_workers=config.num_workers, progress=bar)
+        return mean, std, "computed on the train split (python -m train --stats compute)"
+    if config.mean is not None:
+        return config.mean, config.std, "from the recipe"
+    return spec.mean, spec.std, f"the {config.backbone} backbone's default"
+
+
+def write_history(history: list[dict], run_dir: Path) -> None:
+    atomic_write_json(run_dir / "history.json", history)
+    with open(run_dir / "history.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def package_versions() -> dict[str, str]:
+    import timm
+    import torchvision
+
+    return {
+        "covidtl": covidtl.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "timm": timm.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+# --- the run -----------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = {
+        "name": args.name, "backbone": args.backbone, "epochs": args.epochs, "batch_size": args.batch_size,
+        "num_workers": args.num_workers, "lr": args.lr, "seed": args.seed, "pretrained": args.pretrained,
+    }
+    config = load_recipe(args.recipe, overrides)
+    rank, world_size, device = setup_distributed(args.device)
+    main_process = rank == 0
+    show = args.progress and main_process
+    seed_everything(config.seed)
+    spec = get_spec(config.backbone)
+    on_cuda = device.type == "cuda"
+
+    # Model first: a missing pretrained file is reported in seconds, before any data work.
+    model = create_model(config.backbone, pretrained=config.pretrained, mode=config.mode)
+    trainable, total = count_parameters(model)
+    log.info("%s (%s, mode %s): %s of %s parameters trainable", config.name, config.backbone, config.mode,
+             f"{trainable:,}", f"{total:,}")
+
+    root = resolve_dataset_root(args.data, handle=args.kaggle_handle, version=args.kaggle_version)
+    splits = load_splits(root, args.on_missing, args.on_corrupt)
+    (train_records, train_dir), (val_records, val_dir) = splits["train"], splits["val"]
+    val_labels = np.array([r.label for r in val_records])
+    if len(set(val_labels.tolist())) < 2:
+        raise ValueError("the validation split needs both positive and negative images to select a model")
+    mean, std, norm_source = normalization(config, args, splits["train"], spec.input_size, show)
+    log.info("data %s: %s; mean %s std %s (%s)", root,
+             ", ".join(f"{s} {len(r)}" for s, (r, _) in splits.items()),
+             [round(m, 4) for m in mean], [round(s, 4) for s in std], norm_source)
+
+    loader, sampler = train_loader(train_records, train_dir, config, spec.input_size, mean, std, rank, world_size)
+    loaders = {
+        split: eval_loader(records, image_dir, spec.input_size, mean, std, config.crop_fraction,
+                           batch_size=config.batch_size * 2, num_workers=config.num_workers)
+        for split, (records, image_dir) in splits.items()
+    }
+
+    use_amp = config.amp and on_cuda
+    if config.channels_last and on_cuda:
+        model = model.to(memory_format=torch.channels_last)
+    model.to(device)
+    if world_size > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if on_cuda else None)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.lr,
+                                 weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=config.plateau_factor,
+                                                           patience=config.plateau_patience)
+    weight = class_weights(np.array([r.label for r in train_records])).to(device) if config.balance == "loss" else None
+    criterion = nn.CrossEntropyLoss(weight=weight)
+    scaler = torch.amp.GradScaler("cuda") if use_amp else None
+    channels_last = config.channels_last and on_cuda
+
+    run_dir = args.runs_dir / config.name
+    if main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    history: list[dict] = []
+    start_epoch, best_auc, best_epoch, stale = 0, -math.inf, 0, 0
+    if args.resume:
+        state = load_checkpoint(run_dir / "last", model, optimizer)
+        if state["config"] != config.to_dict():
+            raise CheckpointError(f"{run_dir}/last was made with another config; resume with the same recipe and flags")
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        history, start_epoch = state["history"], state["epoch"] + 1
+        best_auc, best_epoch, stale = state["best_auc"], state["best_epoch"], state["stale"]
+        log.info("resuming %s after epoch %d (best val AUC %.4f at epoch %d)", config.name, start_epoch, best_auc, best_epoch)
+
+    for epoch in range(start_epoch, config.epochs):
+        torch.manual_seed(config.seed + epoch)  # with EpochSampler: identical epochs after --resume
+        sampler.set_epoch(epoch)
+        started = time.perf_counter()
+        bar = lambda it: tqdm(it, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, disable=not show)  # noqa: E731
+        row = {"epoch": epoch + 1}
+        row |= train_one_epoch(model, loader, optimizer, criterion, device, scaler, channels_last, progress=bar)
+        scores, labels, val_loss = predict_scores(model, loaders["val"], device, criterion, use_amp, channels_last)
+        val = metrics.binary_metrics(labels, scores, threshold=0.5)
+        scheduler.step(val["auc"])
+        row |= {"val_loss": val_loss} | {f"val_{k}": v for k, v in val.items()}
+        row |= {"lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started}
+        history.append(row)
+        improved = val["auc"] > best_auc
+        if improved:
+            best_auc, best_epoch, stale = val["auc"], epoch + 1, 0
+        else:
+            stale += 1
+        if main_process:
+            if improved:
+                atomic_save_tensors(unwrap(model).state_dict(), run_dir / "best.safetensors")
+            write_history(history, run_dir)
+            save_checkpoint(run_dir / "last", model, optimizer, {
+                "epoch": epoch, "history": history, "config": config.to_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                "best_auc": best_auc, "best_epoch": best_epoch, "stale": stale,
+            })
+        log.info("epoch %d/%d  train loss %.4f  val loss %.4f  val AUC %.4f  sens %.3f spec %.3f @0.5  %.0fs%s",
+                 epoch + 1, config.epochs, row["train_loss"], val_loss, val["auc"], val["sensitivity"],
+                 val["specificity"], row["seconds"], "  *best" if improved else "")
+        if stale >= config.early_stopping_patience:
+            log.info("early stopping: no val AUC gain in %d epochs", stale)
+            break
+
+    if world_size > 1:
+        dist.barrier()  # rank 0 has written best.safetensors
+    unwrap(model).load_state_dict(load_file(run_dir / "best.safetensors", device=str(device)))
+    final = evaluate_and_export(model, config, args, root, splits, loaders, mean, std, norm_source, history,
+                                best_epoch, device, use_amp, channels_last, write=main_process)
+    log.info("rank %d/%d final: threshold %.4f, test %s", rank, world_size, final["threshold"], final["summary"])
+    if world_size > 1:
+        dist.destroy_process_group()
+    return 0
+
+
+def evaluate_and_export(model, config, args, root, splits, loaders, mean, std, norm_source, history, best_epoch,
+                        device, use_amp, channels_last, write: bool) -> dict:
+    """Threshold on val, reports on val/test, plots, card, export (when `write`)."""
+    spec = get_spec(config.backbone)
+    scores = {}
+    for split in loaders:
+        if split == "train":
+            continue
+        s, y, _ = predict_scores(model, loaders[split], device, amp=use_amp, channels_last=channels_last)
+        scores[split] = (y, s, [r.source for r in splits[split][0]])
+    threshold = metrics.choose_threshold(scores["val"][0], scores["val"][1], min_sensitivity=config.min_sensitivity)
+    eval_split = "test" if "test" in scores else "val"
+    summary = metrics.binary_metrics(scores[eval_split][0], scores[eval_split][1], threshold)
+    result = {"threshold": threshold, "summary": {k: round(v, 4) for k, v in summary.items()}}
+    if not write:
+        return result
+
+    weights_dir = args.weights_dir
+    reports, plot_files = {}, {}
+    for split, (y, s, sources) in scores.items():
+        reports[split], files = report_with_plots(y, s, sources, threshold, weights_dir, f"{config.name}.{split}",
+                                                  n_boot=config.n_boot, seed=config.seed)
+        plot_files |= {f"{split}_{kind}": name for kind, name in files.items()}
+    history_png = plots.plot_history(history, weights_dir / f"{config.name}.history.png")
+    plot_files["history"] = Path(history_png).name
+
+    train_records = splits["train"][0]
+    all_sources = [r.source for records, _ in splits.values() for r in records]
+    label_files = {split: split_paths(root, split)[0] for split in splits}
+    card = {
+        "name": config.name,
+        "architecture": config.backbone,
+        "input_size": spec.input_size,
+        "crop_fraction": config.crop_fraction,
+        "mean": list(mean),
+        "std": list(std),
+        "normalization_source": norm_source,
+        "threshold": threshold,
+        "threshold_rule": (f"highest validation specificity among thresholds with validation sensitivity >= "
+                           f"{config.min_sensitivity:.2f}; predict COVID-19 when P(COVID-19) >= threshold"),
+        "metrics": reports,
+        "evaluated_on": eval_split,
+        "best_epoch": best_epoch,
+        "epochs_run": len(history),
+        "initialisation": (spec.pretrained_source if config.pretrained
+                           else "none: trained from scratch (random initialisation), no ImageNet weights"),
+        "data": {
+            "root": str(root.resolve()) if args.data else None,
+            "kaggle_handle": None if args.data else args.kaggle_handle,
+            "kaggle_version": None if args.data else args.kaggle_version,
+            "name": root.name,
+            "splits": {split: split_summary(records) for split, (records, _) in splits.items()},
+            "sources": source_table(all_sources),
+            "label_files_sha256": {split: sha256_file(path) for split, path in label_files.items()},
+        },
+        "intended_use": INTENDED_USE,
+        "limitations": shortcut_warnings(train_records) + GENERAL_LIMITATIONS,
+        "config": config.to_dict(),
+        "plots": plot_files,
+        "versions": package_versions(),
+        "command": " ".join([Path(sys.executable).name, "-m", "train", *sys.argv[1:]]),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    dtype = torch.float16 if config.weights_dtype == "float16" else torch.float32
+    path = export_model(unwrap(model).cpu(), card, weights_dir, dtype=dtype)
+    log.info("exported %s (+ card, plots) to %s", path.name, weights_dir)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except (DatasetUnavailableError, PretrainedWeightsUnavailable, LabelFileError, MissingImagesError,
+            CorruptImagesError, CheckpointError, CardError, FileNotFoundError, ValueError) as err:
+        # Expected, actionable failures: one clear line, no traceback.
+        print(f"error: {err}", file=sys.stderr)
+        return 2
