@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import logging
 import math
 import os
@@ -149,7 +148,7 @@ def normalization(config: TrainConfig, args: argparse.Namespace, train_split, in
 
 
 def write_history(history: list[dict], run_dir: Path) -> None:
-    atomic_write_json(run_dir / "history.json", history)
+    atomic_write_json(run_dir / "history.json", metrics.nan_to_none(history))
     with open(run_dir / "history.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(history[0]))
         writer.writeheader()
@@ -236,8 +235,9 @@ def run(args: argparse.Namespace) -> int:
     start_epoch, best_auc, best_epoch, stale = 0, -math.inf, 0, 0
     if args.resume:
         state = load_checkpoint(run_dir / "last", model, optimizer)
-        if state["config"] != config.to_dict():
-            raise CheckpointError(f"{run_dir}/last was made with another config; resume with the same recipe and flags")
+        changed = sorted(k for k, v in config.to_dict().items() if k != "epochs" and state["config"].get(k) != v)
+        if changed:  # only the epoch budget may change on resume
+            raise CheckpointError(f"{run_dir}/last was made with other settings ({changed}); resume with the same recipe and flags")
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])

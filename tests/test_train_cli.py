@@ -1,0 +1,136 @@
+"""End-to-end: `python -m train` and `python -m train.evaluate` on tiny synthetic data,
+plus the offline-pretrained failure, --resume after an interruption, and torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train.run as train_run
+from covidtl.export import load_model
+from train import evaluate as evaluate_cli
+from train.run import main as train_main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_recipe(tmp_path: Path, **values) -> Path:
+    base = {
+        "name": "tiny", "backbone": "squeezenet1_1", "mode": "finetune", "pretrained": False, "epochs": 2,
+        "batch_size": 4, "lr": 1e-3, "num_workers": 0, "n_boot": 50, "seed": 3,
+    } | values
+    lines = [f"{k} = {json.dumps(v) if not isinstance(v, bool) else str(v).lower()}" for k, v in base.items()]
+    path = tmp_path / "recipe.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def cli_args(recipe: Path, data: Path, tmp_path: Path, *extra: str) -> list[str]:
+    return ["--recipe", str(recipe), "--data", str(data), "--weights-dir", str(tmp_path / "weights"),
+            "--runs-dir", str(tmp_path / "runs"), "--no-progress", *extra]
+
+
+def test_train_exports_weights_card_and_plots(tiny_covidx, tmp_path):
+    assert train_main(cli_args(write_recipe(tmp_path), tiny_covidx, tmp_path)) == 0
+    weights = tmp_path / "weights"
+    card = json.loads((weights / "tiny.json").read_text())
+    assert card["architecture"] == "squeezenet1_1" and card["classes"] == ["negative", "positive"]
+    test = card["metrics"]["test"]
+    assert set(test["per_source"]) == {"srcA", "srcB"}
+    auc = test["overall"]["auc"]
+    assert auc["ci_low"] <= auc["value"] <= auc["ci_high"]
+    assert card["data"]["splits"]["train"]["n"] == 12
+    assert "trained from scratch" in card["initialisation"]
+    assert card["config"]["epochs"] == 2 and len(json.loads((tmp_path / "runs/tiny/history.json").read_text())) == 2
+    for png in card["plots"].values():
+        assert (weights / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # The exported model reproduces the card's test metrics through the evaluate command.
+    out = tmp_path / "report"
+    assert evaluate_cli.main(["--weights", str(weights / "tiny.safetensors"), "--data", str(tiny_covidx),
+                              "--out", str(out), "--n-boot", "50", "--num-workers", "0", "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    for name, metric in test["overall"].items():
+        assert report["overall"][name]["value"] == pytest.approx(metric["value"], abs=1e-9), name
+    assert (out / "test.roc.png").is_file()
+
+
+def test_pretrained_offline_fails_fast_with_actionable_message(tiny_covidx, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
+    started = time.perf_counter()
+    code = train_main(cli_args(write_recipe(tmp_path, backbone="resnet18", pretrained=True), tiny_covidx, tmp_path))
+    assert code == 2 and time.perf_counter() - started < 5
+    err = capsys.readouterr().err
+    assert "resnet18-f37072fd.pth" in err and "--no-pretrained" in err and "Traceback" not in err
+    assert not (tmp_path / "weights").exists()
+
+
+def test_errors_are_one_line_not_tracebacks(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert train_main(cli_args(write_recipe(tmp_path), tmp_path / "empty", tmp_path)) == 2
+    assert "error:" in capsys.readouterr().err
+    assert train_main(cli_args(write_recipe(tmp_path, lr_typo=1.0), tmp_path / "empty", tmp_path)) == 2
+    assert "lr_typo" in capsys.readouterr().err
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(tiny_covidx, tmp_path, monkeypatch):
+    recipe = write_recipe(tmp_path, epochs=3)
+    straight = tmp_path / "straight"
+    assert train_main(cli_args(recipe, tiny_covidx, straight)) == 0
+
+    # Interrupt the second run in the middle of its second epoch, then resume it.
+    broken = tmp_path / "broken"
+    calls = {"n": 0}
+    real_epoch = train_run.train_one_epoch
+
+    def dies_in_epoch_two(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("simulated kill")
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_run, "train_one_epoch", dies_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        train_main(cli_args(recipe, tiny_covidx, broken))
+    state = json.loads((broken / "runs/tiny/last.json").read_text())
+    assert state["epoch"] == 0  # epoch 1 completed and was checkpointed
+    monkeypatch.setattr(train_run, "train_one_epoch", real_epoch)
+    assert train_main(cli_args(recipe, tiny_covidx, broken, "--resume")) == 0
+
+    history = json.loads((broken / "runs/tiny/history.json").read_text())
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+    a = load_file(straight / "weights/tiny.safetensors")
+    b = load_file(broken / "weights/tiny.safetensors")
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
+
+
+def test_resume_without_checkpoint_says_how_to_start(tiny_covidx, tmp_path, capsys):
+    assert train_main(cli_args(write_recipe(tmp_path), tiny_covidx, tmp_path, "--resume")) == 2
+    assert "without --resume" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
+def test_torchrun_two_processes_agree_and_only_rank0_writes(tiny_covidx, tmp_path):
+    recipe = write_recipe(tmp_path, epochs=1)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "train", *cli_args(recipe, tiny_covidx, tmp_path)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    finals = [line.split("final:", 1)[1] for line in proc.stderr.splitlines() if "final:" in line]
+    assert len(finals) == 2 and finals[0] == finals[1], finals
+    assert sum("rank 0/2" in line for line in proc.stderr.splitlines()) == 1
+    assert sum("exported" in line for line in proc.stderr.splitlines()) == 1
+    model, card = load_model(tmp_path / "weights/tiny.safetensors")
+    assert card["data"]["splits"]["train"]["n"] == 12
