@@ -128,9 +128,7 @@ def read_dicom(source: str | Path | bytes | IO[bytes], max_pixels: int | None = 
             gray = 255 - gray
         return Image.fromarray(gray).convert("RGB")
     if pixels.ndim != 3 or pixels.shape[-1] != 3:
-        raise DicomError(
-            f"unsupported DICOM pixel layout: {samples} samples per pixel, array shape {pixels.shape}"
-        )
+        raise DicomError(f"unsupported DICOM pixel layout: {samples} samples per pixel, array shape {pixels.shape}")
     if pixels.dtype == np.uint8:
         return Image.fromarray(pixels)
     return Image.fromarray(_to_uint8(pixels))

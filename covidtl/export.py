@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -85,6 +86,7 @@ def export_model(model: nn.Module, card: dict[str, Any], weights_dir: Path, dtyp
     missing = [k for k in REQUIRED_CARD_KEYS if k not in card and k != "classes"]
     if missing:
         raise CardError(f"card lacks {missing}; it needs {list(REQUIRED_CARD_KEYS)}")
+    json.dumps(card, allow_nan=False)  # a card that cannot be written must fail before the weights are replaced
     name = card["name"]
     weights_path = Path(weights_dir) / f"{name}{WEIGHTS_SUFFIX}"
     state = {
@@ -106,9 +108,15 @@ def export_model(model: nn.Module, card: dict[str, Any], weights_dir: Path, dtyp
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain model inside DistributedDataParallel or torch.compile wrappers."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif isinstance(model, OptimizedModule):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def read_card(path: Path) -> dict[str, Any]:
@@ -148,7 +156,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     if not path.is_file():
         raise FileNotFoundError(f"{path}: weights file not found")
     card = read_card(path.with_suffix(CARD_SUFFIX))
-    state = load_file(path, device="cpu")
+    if "weights_sha256" in card and sha256_file(path) != card["weights_sha256"]:
+        # e.g. an export interrupted between writing the weights and writing the card
+        raise CardError(f"{path}: weights do not match the checksum in their card; re-export the model")
+    try:
+        state = load_file(path, device="cpu")
+    except SafetensorError as err:
+        raise CardError(f"{path}: not a valid safetensors file ({err}); re-export the model") from None
     model = create_model(card["architecture"], pretrained=False)
     expected = model.state_dict()
     if set(state) != set(expected):

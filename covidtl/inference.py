@@ -70,7 +70,9 @@ def _check_image_pixels(path: Path, max_pixels: int) -> None:
         )
 
 
-def load_upload(path: str | Path | None, max_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def load_upload(
+    path: str | Path | None, max_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_PIXELS
+) -> Image.Image:
     """Read an uploaded file as an 8-bit RGB image.
 
     DICOM is recognised by its ``DICM`` signature or a ``.dcm``/``.dicom`` name; anything
@@ -147,7 +149,9 @@ class Predictor:
         self.crop_fraction = float(card.get("crop_fraction", DEFAULT_CROP_FRACTION))
         self.mean = tuple(float(m) for m in card["mean"])
         self.std = tuple(float(s) for s in card["std"])
-        self.transform = build_transform(self.input_size, self.mean, self.std, train=False, crop_fraction=self.crop_fraction)
+        self.transform = build_transform(
+            self.input_size, self.mean, self.std, train=False, crop_fraction=self.crop_fraction
+        )
         self._view = v2.Compose(eval_geometry(self.input_size, self.crop_fraction))
         self.lock = threading.Lock()
 
@@ -190,7 +194,9 @@ class Predictor:
             latency_ms=1000.0 * elapsed,
         )
 
-    def explain(self, image: Image.Image | torch.Tensor, method: str = DEFAULT_METHOD, class_index: int = POSITIVE) -> np.ndarray:
+    def explain(
+        self, image: Image.Image | torch.Tensor, method: str = DEFAULT_METHOD, class_index: int = POSITIVE
+    ) -> np.ndarray:
         """CAM heatmap [S, S] in [0, 1] over `view(image)`, hooked at the spec's `cam_layer`."""
         x = self.preprocess(image) if isinstance(image, Image.Image) else image.to(self.device)
         with self.lock:

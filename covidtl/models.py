@@ -214,9 +214,9 @@ def set_trainable(model: nn.Module, spec: ModelSpec, mode: str) -> None:
     """Freeze parameters according to `mode` (one of MODES)."""
     if mode not in MODES:
         raise ValueError(f"unknown training mode {mode!r}; choose from {list(MODES)}")
-    trainable = {"finetune": [""], "last_stage": [spec.head, spec.last_stage], "frozen": [spec.head]}[mode]
+    prefixes = {"finetune": None, "last_stage": (spec.head, spec.last_stage), "frozen": (spec.head,)}[mode]
     for name, param in model.named_parameters():
-        param.requires_grad = any(name.startswith(prefix) for prefix in trainable)
+        param.requires_grad = prefixes is None or any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
 def create_model(name: str, pretrained: bool = False, mode: str = "finetune") -> nn.Module:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 SOURCES = ("srcA", "srcB")
@@ -84,3 +85,21 @@ def covidx_mini() -> Path:
     if shared is None or not (shared / "covidx-mini").is_dir():
         pytest.skip("real data ../shared/data/covidx-mini is absent (only on development machines)")
     return shared / "covidx-mini"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """One intra-op thread: on a small shared CPU, OpenMP threads spinning against other
+    processes make the suite's tiny convolutions 10-40x slower, not faster."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def seeded():
+    """Seed torch for one test without changing the RNG state other tests see."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        yield

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 import covidtl
 from covidtl import metrics, plots
+from covidtl.audit import cam_audit
 from covidtl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from covidtl.classes import CLASSES
 from covidtl.config import TrainConfig, load_recipe
@@ -316,6 +317,9 @@ def evaluate_and_export(model, config, args, root, splits, loaders, mean, std, n
     history_png = plots.plot_history(history, weights_dir / f"{config.name}.history.png")
     plot_files["history"] = Path(history_png).name
 
+    bar = lambda it: tqdm(it, desc="Grad-CAM audit", leave=False, disable=not args.progress)  # noqa: E731
+    audit = cam_audit(unwrap(model), spec.cam_layer, loaders[eval_split], scores[eval_split][2], device=device,
+                      progress=bar)
     train_records = splits["train"][0]
     all_sources = [r.source for records, _ in splits.values() for r in records]
     label_files = {split: split_paths(root, split)[0] for split in splits}
@@ -332,6 +336,7 @@ def evaluate_and_export(model, config, args, root, splits, loaders, mean, std, n
                            f"{config.min_sensitivity:.2f}; predict COVID-19 when P(COVID-19) >= threshold"),
         "metrics": reports,
         "evaluated_on": eval_split,
+        "shortcut_audit": {"split": eval_split, **audit},
         "best_epoch": best_epoch,
         "epochs_run": len(history),
         "initialisation": (spec.pretrained_source if config.pretrained

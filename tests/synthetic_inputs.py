@@ -1,0 +1,109 @@
+"""Synthetic inputs shared by the app tests: X-ray-like images, DICOM files written with
+pydicom, tiny exported models, a launched app. Nothing here touches the network."""
+
+from __future__ import annotations
+
+import io
+import socket
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from covidtl.classes import CLASSES
+from covidtl.export import export_model
+from covidtl.models import create_model
+
+DX_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage, for presentation
+
+
+def xray_like(size: int = 96, seed: int = 0, bright_disk: bool = False) -> np.ndarray:
+    """uint8 [size, size]: noisy gray field, two darker "lungs", optionally a bright disk."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    image = 150.0 + rng.normal(0.0, 15.0, (size, size))
+    for cx in (0.3, 0.7):
+        image -= 80.0 * (((xx - cx) / 0.15) ** 2 + ((yy - 0.5) / 0.3) ** 2 < 1)
+    if bright_disk:
+        image += 90.0 * (np.hypot(xx - 0.5, yy - 0.5) < 0.15)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def make_dicom(
+    pixels: np.ndarray,
+    photometric: str = "MONOCHROME2",
+    bits_stored: int | None = None,
+    preamble: bool = True,
+    **elements,
+) -> bytes:
+    """A DICOM Part 10 file (Explicit VR Little Endian) holding `pixels`.
+
+    `pixels` is [rows, cols] (one frame), [frames, rows, cols] (multi-frame) or
+    [rows, cols, 3] with photometric "RGB". Extra keyword arguments become data elements
+    (e.g. ``RescaleSlope=2, WindowCenter=1000, WindowWidth=400``). `preamble=False`
+    drops the 128-byte preamble and the DICM signature (a "raw" dataset).
+    """
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = DX_IMAGE_STORAGE
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SOPClassUID = DX_IMAGE_STORAGE
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    bits = bits_stored or (8 if pixels.dtype == np.uint8 else 16)
+    ds.set_pixel_data(pixels, photometric, bits)
+    for keyword, value in elements.items():
+        setattr(ds, keyword, value)
+    buffer = io.BytesIO()
+    if preamble:
+        ds.save_as(buffer, enforce_file_format=True)
+    else:
+        ds.save_as(buffer, implicit_vr=False, little_endian=True)
+    return buffer.getvalue()
+
+
+def export_tiny_model(
+    weights_dir: Path,
+    name: str = "tiny",
+    architecture: str = "squeezenet1_1",
+    threshold: float = 0.5,
+    seed: int = 0,
+    **card,
+) -> Path:
+    """Export an untrained `architecture` (random weights from `seed`) with a minimal card."""
+    import torch
+
+    torch.manual_seed(seed)
+    base = {
+        "name": name,
+        "architecture": architecture,
+        "classes": list(CLASSES),
+        "input_size": 224,
+        "mean": [0.5] * 3,
+        "std": [0.25] * 3,
+        "threshold": threshold,
+    }
+    return export_model(create_model(architecture), {**base, **card}, weights_dir)
+
+
+def save_png(pixels: np.ndarray, path: Path) -> Path:
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def hook_count(model) -> int:
+    """Forward, forward-pre and backward hooks registered on any module of `model`."""
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) + len(m._backward_pre_hooks)
+        for m in model.modules()
+    )

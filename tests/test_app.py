@@ -1,0 +1,359 @@
+"""The Gradio app: handlers called directly, and the launched app through gradio_client."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import gradio as gr
+import httpx
+import numpy as np
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from PIL import Image
+from synthetic_inputs import export_tiny_model, free_port, hook_count, make_dicom, save_png, xray_like
+
+import app
+from covidtl.classes import DISPLAY_NAMES
+from covidtl.inference import ModelStore, Prediction, load_upload
+
+ROOT = Path(__file__).resolve().parents[1]
+LABELS = set(DISPLAY_NAMES.values())
+
+FULL_REPORT = {
+    "threshold": 0.42,
+    "n": 59,
+    "n_positive": 16,
+    "overall": {
+        "auc": {"value": 0.91, "ci_low": 0.83, "ci_high": 0.97},
+        "sensitivity": {"value": 0.81, "ci_low": 0.6, "ci_high": 0.95},
+        "specificity": {"value": 0.88, "ci_low": None, "ci_high": None},
+    },
+    "confusion": {"tp": 13, "fp": 5, "tn": 38, "fn": 3},
+    "per_source": {
+        "kermany": {
+            "n": 30,
+            "n_positive": 0,
+            "metrics": {
+                "specificity": {"value": 0.97, "ci_low": 0.9, "ci_high": 1.0},
+                "sensitivity": {"value": None, "ci_low": None, "ci_high": None},
+            },
+        },
+        "cohen": {
+            "n": 29,
+            "n_positive": 16,
+            "metrics": {"sensitivity": {"value": 0.81, "ci_low": 0.6, "ci_high": 0.95}},
+        },
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("weights")
+    export_tiny_model(
+        folder,
+        "always",
+        threshold=0.0,
+        seed=0,
+        metrics={"test": FULL_REPORT, "val": FULL_REPORT},
+        threshold_rule="highest validation specificity with sensitivity >= 0.90",
+        limitations=["Every negative is pediatric."],
+        intended_use="Research demonstration.",
+        data={
+            "name": "covidx-mini",
+            "splits": {"test": {"n": 59, "n_positive": 16, "per_source": {"cohen": {"positive": 16}}}},
+            "sources": {"cohen": {"license": "mixed", "population": "adult"}},
+        },
+        plots={"test_roc": "always.test.roc.png", "evil": "../outside.png"},
+    )
+    save_png(xray_like(64), folder / "always.test.roc.png")
+    export_tiny_model(folder, "never", threshold=1.01, seed=1)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def store(weights) -> ModelStore:
+    return ModelStore(weights)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("images")
+    out = {"png": save_png(xray_like(160, seed=1), folder / "xray.png")}
+    out["png16"] = folder / "xray16.png"
+    Image.fromarray(xray_like(150, seed=2).astype(np.uint16) * 250).save(out["png16"])
+    frame = xray_like(128, seed=3).astype(np.uint16) * 16
+    out["dicom_mono1"] = folder / "mono1.dcm"
+    out["dicom_mono1"].write_bytes(make_dicom(frame, "MONOCHROME1", 12, RescaleSlope=1, RescaleIntercept=0))
+    out["dicom_frames"] = folder / "frames.dcm"
+    out["dicom_frames"].write_bytes(make_dicom(np.stack([frame, 4095 - frame]), "MONOCHROME2", 12))
+    out["empty"] = folder / "empty.png"
+    out["empty"].write_bytes(b"")
+    out["text"] = folder / "notes.png"
+    out["text"].write_text("plain text renamed to .png\n" * 10)
+    out["truncated"] = folder / "truncated.png"
+    out["truncated"].write_bytes(out["png"].read_bytes()[:300])
+    return out
+
+
+@pytest.fixture(scope="module")
+def served(weights, store, tmp_path_factory):
+    examples = tmp_path_factory.mktemp("examples")
+    save_png(xray_like(64, seed=9), examples / "synthetic-example.png")
+    demo = app.build_demo(weights, examples, store=store)
+    _, url, _ = demo.launch(**app.launch_options("127.0.0.1", free_port()), prevent_thread_lock=True, quiet=True)
+    yield url
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(served) -> Client:
+    return Client(served, verbose=False)
+
+
+# --------------------------------------------------------------------------- handlers
+
+
+def test_classify_handler(store, images):
+    confidences, decision, original, heatmap, timing, state = app.classify(
+        store, str(images["png"]), "always", "Grad-CAM", 0.5
+    )
+    assert set(confidences) == LABELS and sum(confidences.values()) == pytest.approx(1.0)
+    assert "COVID-19 flagged" in decision and "`always`" in decision and "threshold 0.000" in decision
+    assert original.size == (160, 160)
+    assert heatmap.shape == (224, 224, 3) and heatmap.dtype == np.uint8
+    assert "ms" in timing and "Grad-CAM" in timing
+    assert app.reblend(state, 0.0).tolist() == state["view"].tolist()
+    assert app.reblend(None, 0.3) is None
+    _, decision, *_ = app.classify(store, str(images["png"]), "never", "Eigen-CAM", 0.5)
+    assert decision.startswith("**Not flagged**")
+
+
+def test_compare_handler(store, images):
+    rows, gallery, ensemble = app.compare(store, str(images["dicom_mono1"]), "Grad-CAM++")
+    assert [row[0] for row in rows] == store.names()
+    assert [row[2].split(" (")[0] for row in rows] == ["COVID-19 flagged", "not flagged"]
+    assert all(0.0 <= row[1] <= 1.0 and row[3] > 0 for row in rows)
+    assert len(gallery) == 2 and gallery[0][0].shape == (224, 224, 3)
+    assert "disagree" in ensemble and "1 of 2" in ensemble and "mean" in ensemble
+
+
+def _pred(p: float, decision: bool) -> Prediction:
+    return Prediction({"negative": 1 - p, "positive": p}, p, decision, 0.5, 1.0)
+
+
+def test_agreement_sentences():
+    assert "All 2 models" in app.agreement_markdown(["a", "b"], [_pred(0.9, True), _pred(0.7, True)])
+    assert "None of the 2" in app.agreement_markdown(["a", "b"], [_pred(0.1, False), _pred(0.2, False)])
+    assert "Only one model" in app.agreement_markdown(["a"], [_pred(0.1, False)])
+    text = app.agreement_markdown(["a", "b", "c"], [_pred(0.9, True), _pred(0.2, False), _pred(0.1, False)])
+    assert "1 of 3 flag COVID-19 (a)" in text and "0.400" in text
+
+
+@pytest.mark.parametrize("key, words", [("empty", "empty"), ("text", "not an image"), ("truncated", "truncated")])
+def test_bad_input_raises_a_readable_gr_error(store, images, key, words):
+    with pytest.raises(gr.Error, match=words):
+        app.classify(store, str(images[key]), "always", "Grad-CAM", 0.4)
+    with pytest.raises(gr.Error, match=words):
+        app.compare(store, str(images[key]), "Grad-CAM")
+
+
+def test_bad_choices_raise_gr_error(store, images):
+    with pytest.raises(gr.Error, match="no file"):
+        app.classify(store, None, "always", "Grad-CAM", 0.4)
+    with pytest.raises(gr.Error, match="Unknown model"):
+        app.classify(store, str(images["png"]), "nope", "Grad-CAM", 0.4)
+    with pytest.raises(gr.Error, match="heatmap method"):
+        app.classify(store, str(images["png"]), "always", "Magic", 0.4)
+
+
+def test_card_markdown_renders_metrics_sources_and_provenance(store):
+    text = app.card_markdown(store.cards["always"])
+    for expected in (
+        "0.910 (0.830 to 0.970)",  # value and 95 % interval
+        "| Specificity | 0.880 |",  # no interval: value alone
+        "TP 13, FP 5, TN 38, FN 3",
+        "| kermany | 30 | 0 |",
+        "highest validation specificity",
+        "Every negative is pediatric.",
+        "Research demonstration.",
+        "covidx-mini",
+        "#### test split",
+        "#### val split",
+    ):
+        assert expected in text, expected
+    assert text.index("#### test split") < text.index("#### val split")
+    minimal = app.card_markdown(store.cards["never"])
+    assert "no evaluation results" in minimal and "1.010" in minimal
+
+
+def test_card_plots_stay_inside_the_weights_folder(store, weights):
+    (weights.parent / "outside.png").write_bytes((weights / "always.test.roc.png").read_bytes())
+    plots = app.card_plots(store.cards["always"], weights)
+    assert [caption for _, caption in plots] == ["test roc"]
+    assert app.card_plots(store.cards["never"], weights) == []
+
+
+def test_empty_weights_folder_explains_how_to_get_models(tmp_path, images):
+    demo = app.build_demo(tmp_path / "weights")
+    texts = " ".join(str(block.value) for block in demo.blocks.values() if isinstance(block, gr.Markdown))
+    assert app.TRAIN_COMMAND in texts and "No models found" in texts
+    with pytest.raises(gr.Error, match="python -m train"):
+        app.classify(ModelStore(tmp_path / "weights"), str(images["png"]), None, "Grad-CAM", 0.4)
+    _, url, _ = demo.launch(**app.launch_options("127.0.0.1", free_port()), prevent_thread_lock=True, quiet=True)
+    try:
+        config = httpx.get(f"{url}config", timeout=30).text
+        assert "python -m train --recipe train/recipes/" in config
+    finally:
+        demo.close()
+
+
+def test_example_files_lists_images_and_dicoms(tmp_path):
+    for name in ("a.png", "b.dcm", "c.txt", "d.JPG"):
+        (tmp_path / name).write_bytes(b"x")
+    assert [Path(p).name for p in app.example_files(tmp_path, None, tmp_path / "absent")] == ["a.png", "b.dcm", "d.JPG"]
+
+
+def test_flags_and_environment(monkeypatch, tmp_path):
+    for var in ("COVIDTL_HOST", "COVIDTL_PORT", "COVIDTL_WEIGHTS", "COVIDTL_EXAMPLES", "COVIDTL_SHARE", "SPACE_ID"):
+        monkeypatch.delenv(var, raising=False)
+    args = app.parse_args([])
+    assert (args.host, args.port, args.share) == ("127.0.0.1", 7860, False)
+    assert args.weights_dir == ROOT / "weights" and args.examples_dir is None
+    monkeypatch.setenv("SPACE_ID", "someone/covid-tl")
+    assert app.parse_args([]).host == "0.0.0.0"
+    monkeypatch.setenv("COVIDTL_HOST", "10.0.0.5")
+    monkeypatch.setenv("COVIDTL_PORT", "9000")
+    monkeypatch.setenv("COVIDTL_WEIGHTS", str(tmp_path))
+    monkeypatch.setenv("COVIDTL_SHARE", "1")
+    args = app.parse_args([])
+    assert (args.host, args.port, args.weights_dir, args.share) == ("10.0.0.5", 9000, tmp_path, True)
+    args = app.parse_args(["--host", "127.0.0.2", "--port", "1234", "--no-share", "--examples-dir", "ex"])
+    assert (args.host, args.port, args.share, args.examples_dir) == ("127.0.0.2", 1234, False, Path("ex"))
+    options = app.launch_options("127.0.0.1", 1234)
+    assert options["max_file_size"] == app.MAX_UPLOAD_BYTES and options["show_error"] is False
+
+
+def test_module_level_demo_and_no_telemetry():
+    assert isinstance(app.demo, gr.Blocks)
+    assert app.demo.analytics_enabled is False
+
+
+# --------------------------------------------------------------------------- launched app
+
+
+def _p_covid(label: dict) -> float:
+    return next(c["confidence"] for c in label["confidences"] if c["label"] == "COVID-19")
+
+
+@pytest.mark.parametrize("key", ["png", "png16", "dicom_mono1", "dicom_frames"])
+def test_classify_through_the_client(client, store, images, key):
+    label, decision, original, heatmap, timing = client.predict(
+        handle_file(str(images[key])), "always", "Grad-CAM", 0.4, api_name="/classify"
+    )
+    assert {c["label"] for c in label["confidences"]} == LABELS
+    expected = store.get("always").predict(load_upload(images[key])).p_positive
+    assert _p_covid(label) == pytest.approx(expected, abs=1e-5)
+    assert "COVID-19 flagged" in decision and "ms" in timing
+    assert np.asarray(Image.open(heatmap)).shape[:2] == (224, 224)
+    assert Path(original).is_file()
+
+
+def test_compare_through_the_client(client, images):
+    table, gallery, ensemble = client.predict(handle_file(str(images["png"])), "Grad-CAM", api_name="/compare")
+    assert table["headers"] == ["model", "P(COVID-19)", "decision", "latency (ms)"]
+    assert [row[0] for row in table["data"]] == ["always", "never"]
+    assert len(gallery) == 2 and all(Path(item["image"]).is_file() for item in gallery)
+    assert "Ensemble" in ensemble
+
+
+@pytest.mark.parametrize("key, words", [("empty", "empty"), ("text", "not an image"), ("truncated", "truncated")])
+def test_bad_input_through_the_client_then_the_app_keeps_serving(client, images, key, words):
+    with pytest.raises(AppError, match=words):
+        client.predict(handle_file(str(images[key])), "always", "Grad-CAM", 0.4, api_name="/classify")
+    label, *_ = client.predict(handle_file(str(images["png"])), "always", "Grad-CAM", 0.4, api_name="/classify")
+    assert {c["label"] for c in label["confidences"]} == LABELS
+
+
+def test_concurrent_requests_get_their_own_answers(client, store, tmp_path):
+    paths = [
+        save_png(xray_like(90 + 20 * i, seed=20 + i, bright_disk=i % 2 == 1), tmp_path / f"img{i}.png")
+        for i in range(6)
+    ]
+    models = ["always", "never"]
+    expected = [store.get(models[i % 2]).predict(load_upload(p)).p_positive for i, p in enumerate(paths)]
+    jobs = [
+        client.submit(handle_file(str(p)), models[i % 2], "Grad-CAM", 0.4, api_name="/classify")
+        for i, p in enumerate(paths)
+    ]
+    for i, job in enumerate(jobs):
+        label, decision, *_ = job.result(timeout=120)
+        assert _p_covid(label) == pytest.approx(expected[i], abs=1e-5)
+        assert f"`{models[i % 2]}`" in decision
+    for name in models:
+        assert hook_count(store.get(name).model) == 0
+
+
+def test_real_images_through_the_client(client, covidx_mini):
+    for path in sorted((covidx_mini / "test").iterdir())[:2]:
+        label, decision, *_ = client.predict(handle_file(str(path)), "always", "Grad-CAM", 0.4, api_name="/classify")
+        assert 0.0 <= _p_covid(label) <= 1.0 and "flagged" in decision
+
+
+def test_named_endpoints_have_docstrings(client):
+    info = client.view_api(return_format="dict", print_info=False)
+    endpoints = info["named_endpoints"]
+    assert set(endpoints) == {"/classify", "/compare"}
+    assert "chest X-ray" in endpoints["/classify"]["description"]
+    assert [p["parameter_name"] for p in endpoints["/classify"]["parameters"]] == [
+        "file",
+        "model_name",
+        "cam_method",
+        "opacity",
+    ]
+
+
+# --------------------------------------------------------------------------- no network at start
+
+AUDIT = textwrap.dedent(
+    """
+    import json, sys
+    seen = []
+    LOCAL = ("127.0.0.1", "::1", "localhost", None)
+
+    def audit(event, args):
+        if event == "socket.getaddrinfo" and args[0] not in LOCAL:
+            seen.append(f"lookup {args[0]}")
+        elif event == "socket.connect" and isinstance(args[1], tuple) and args[1][0] not in LOCAL:
+            seen.append(f"connect {args[1]}")
+
+    sys.addaudithook(audit)
+    import app
+    app.demo.launch(**app.launch_options("127.0.0.1", int(sys.argv[1])), prevent_thread_lock=True, quiet=True)
+    import time; time.sleep(1.5)  # gradio's version check and analytics run in threads
+    app.demo.close()
+    print(json.dumps(seen))
+    """
+)
+
+
+def test_import_and_launch_make_no_outside_connection(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GRADIO_", "HF_"))}
+    env.update(COVIDTL_WEIGHTS=str(tmp_path), PYTHONPATH=str(ROOT))
+    result = subprocess.run(
+        [sys.executable, "-c", AUDIT, str(free_port())],
+        check=False,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == []

@@ -1,0 +1,97 @@
+"""The page in a real headless Chromium: upload, classify, see the label and the heatmap,
+switch to Compare and compare every model; a screenshot is saved to tmp_path.
+
+Needs the `playwright` Python package and Debian's `chromium` at /usr/bin/chromium (never
+`playwright install`, which downloads a browser); skipped when either is missing.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from synthetic_inputs import export_tiny_model, free_port, save_png, xray_like
+
+import app
+
+CHROMIUM = Path(os.environ.get("COVIDTL_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+TIMEOUT_MS = 60_000
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install playwright")
+if not CHROMIUM.is_file():
+    pytest.skip(f"no Chromium at {CHROMIUM}: apt-get install -y chromium", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory):
+    weights = tmp_path_factory.mktemp("weights")
+    export_tiny_model(weights, "always", threshold=0.0, seed=0)
+    export_tiny_model(weights, "never", threshold=1.01, seed=1)
+    demo = app.build_demo(weights)
+    _, local_url, _ = demo.launch(**app.launch_options("127.0.0.1", free_port()), prevent_thread_lock=True, quiet=True)
+    yield local_url
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def page(browser, url):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(url)
+    yield page
+    page.close()
+
+
+def test_upload_classify_and_compare_in_chromium(page, tmp_path):
+    expect = sync_api.expect
+    expect(page.locator("#disclaimer")).to_contain_text("not a medical device")
+    image = save_png(xray_like(200, seed=7), tmp_path / "synthetic-xray.png")
+
+    page.locator("#upload input[type=file]").set_input_files(str(image))
+    expect(page.locator("#upload")).to_contain_text("synthetic-xray")
+    page.locator("#classify-button").click()
+    expect(page.locator("#confidences")).to_contain_text("COVID-19", timeout=TIMEOUT_MS)
+    expect(page.locator("#decision")).to_contain_text("flagged")
+    expect(page.locator("#heatmap img")).to_be_visible()
+    expect(page.locator("#timing")).to_contain_text("ms")
+    page.screenshot(path=str(tmp_path / "classify.png"), full_page=True)
+
+    page.get_by_role("tab", name="Compare").click()
+    expect(page.locator("#compare-upload")).to_contain_text("synthetic-xray")
+    page.locator("#compare-button").click()
+    expect(page.locator("#compare-table")).to_contain_text("never", timeout=TIMEOUT_MS)
+    expect(page.locator("#ensemble")).to_contain_text("disagree")
+    expect(page.locator("#compare-gallery img")).to_have_count(2)
+    shot = tmp_path / "compare.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+
+
+def test_bad_file_shows_a_message_in_the_page(page, tmp_path):
+    expect = sync_api.expect
+    bad = tmp_path / "notes.png"
+    bad.write_text("plain text renamed to .png\n" * 10)
+    page.locator("#upload input[type=file]").set_input_files(str(bad))
+    expect(page.locator("#upload")).to_contain_text("notes")
+    page.locator("#classify-button").click()
+    expect(page.get_by_text("not an image this app can read").first).to_be_visible(timeout=TIMEOUT_MS)
