@@ -95,3 +95,13 @@ def test_bad_file_shows_a_message_in_the_page(page, tmp_path):
     expect(page.locator("#upload")).to_contain_text("notes")
     page.locator("#classify-button").click()
     expect(page.get_by_text("not an image this app can read").first).to_be_visible(timeout=TIMEOUT_MS)
+
+
+def test_shipped_example_can_be_classified(page):
+    expect = sync_api.expect
+    page.get_by_text("synthetic-phantom.png").first.click()
+    expect(page.locator("#upload")).to_contain_text("synthetic-phantom")
+    page.locator("#classify-button").click()
+    expect(page.locator("#confidences")).to_contain_text("COVID-19", timeout=TIMEOUT_MS)
+    page.get_by_role("tab", name="Compare").click()
+    expect(page.locator("#compare-upload")).to_contain_text("synthetic-phantom")

@@ -1,0 +1,623 @@
+"""COVID-TL in the browser: classify a chest X-ray, see where each model looked, compare
+models and read their cards.
+
+    python app.py                                   # http://127.0.0.1:7860
+    python app.py --weights-dir weights --examples-dir my_examples --port 7861
+
+Every flag has an environment variable (COVIDTL_HOST, COVIDTL_PORT, COVIDTL_SHARE,
+COVIDTL_WEIGHTS, COVIDTL_EXAMPLES); on a Hugging Face Space (SPACE_ID is set) the
+default host is 0.0.0.0. A research demonstration, not a medical device.
+
+Layout of this file: pure handler functions (they call covidtl and raise gr.Error for
+anything the user can fix), then `build_demo` with the gr.Blocks layout, the
+module-level `demo`, and the launch in `__main__`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import html
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import numpy as np
+from PIL import Image
+
+from covidtl.classes import CLASSES, DISPLAY_NAMES, POSITIVE
+from covidtl.data import IMAGE_EXTENSIONS
+from covidtl.explain import CAM_METHODS, DEFAULT_METHOD, overlay
+from covidtl.inference import (
+    MAX_UPLOAD_BYTES,
+    BadInputError,
+    ModelLoadError,
+    ModelStore,
+    Prediction,
+    Predictor,
+    load_upload,
+)
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_WEIGHTS_DIR = HERE / "weights"
+UPLOAD_TYPES = sorted(IMAGE_EXTENSIONS | {".dcm", ".dicom"})
+QUEUE_MAX_SIZE = 32
+CONCURRENCY_LIMIT = 2  # simultaneous requests per event; each one uses every CPU core
+DISPLAY_MAX_SIDE = 1024  # the original is shown downscaled to this
+COMPARE_OPACITY = 0.4
+
+POSITIVE_NAME = DISPLAY_NAMES[CLASSES[POSITIVE]]
+DISCLAIMER = (
+    "**Research demonstration only.** COVID-TL is not a medical device and must not be used "
+    "for diagnosis, triage or any clinical decision. Its models were trained on small public "
+    "datasets with known shortcuts and have not been validated on any hospital's images."
+)
+TRAIN_COMMAND = "python -m train --recipe train/recipes/<name>.toml --data DIR"
+METRIC_NAMES = {
+    "auc": "ROC AUC",
+    "sensitivity": "Sensitivity",
+    "specificity": "Specificity",
+    "ppv": "PPV (precision)",
+    "npv": "NPV",
+    "accuracy": "Accuracy",
+    "f1": "F1",
+}
+ABOUT = f"""
+### What this is
+COVID-TL fine-tunes ImageNet CNNs (ResNet, DenseNet, EfficientNet, MobileNet, SqueezeNet) to
+tell COVID-19 positive from negative chest X-rays, and shows class activation maps
+(Grad-CAM and related methods from the `grad-cam` package) of where a model looked.
+
+### Read the results with care
+- {DISCLAIMER}
+- Published COVID-19 X-ray classifiers learned shortcuts: the hospital, the scanner, text
+  markers, the patient's age (DeGrave et al., *Nature Machine Intelligence* 2021). In the
+  COVIDx data most negatives are children's X-rays and every positive is an adult's. A heatmap
+  on the shoulders, the edges or a text label instead of the lungs is a warning sign.
+- Each model flags {POSITIVE_NAME} when P({POSITIVE_NAME}) reaches its own operating threshold,
+  chosen on validation data (see the Models tab for how, and for per-source results).
+- The heatmap covers the center crop the model sees, not the borders of the uploaded image.
+
+### Use it from code
+```python
+from gradio_client import Client, handle_file
+client = Client("http://127.0.0.1:7860/")
+label, decision, image, heatmap, timing = client.predict(
+    handle_file("xray.png"), "MODEL_NAME", "Grad-CAM", 0.4, api_name="/classify")
+table, gallery, ensemble = client.predict(handle_file("xray.png"), "Grad-CAM", api_name="/compare")
+```
+
+### Get models
+`{TRAIN_COMMAND}` exports `weights/<name>.safetensors` and its card `weights/<name>.json`.
+Uploads are limited to {MAX_UPLOAD_BYTES // 2**20} MiB. Uploads are kept only as temporary
+files, deleted after an hour; no run history is saved, and the app sends no telemetry.
+"""
+
+CSS = """
+#disclaimer { border-left: 4px solid #d97706; padding: 0.4em 0.8em; background: rgba(217, 119, 6, 0.08); }
+#no-models { border-left: 4px solid #dc2626; padding: 0.4em 0.8em; }
+"""
+
+
+# --------------------------------------------------------------------------- text
+
+
+def no_models_markdown(weights_dir: Path, skipped: dict[str, str]) -> str:
+    """What to do when the weights folder offers no model."""
+    lines = [
+        f"### No models found in `{weights_dir}`",
+        "The app needs exported models: a `<name>.safetensors` file and its `<name>.json` card. Make one with",
+        f"\n    {TRAIN_COMMAND}\n",
+        (
+            "(recipes are in `train/recipes/`; `DIR` is a folder in the COVIDx layout), or point the app "
+            "at a folder of exported models with `--weights-dir DIR` / `COVIDTL_WEIGHTS=DIR`."
+        ),
+    ]
+    if skipped:
+        lines.append("\nFiles that were found but cannot be used:")
+        lines += [f"- `{name}`: {reason}" for name, reason in skipped.items()]
+    return "\n".join(lines)
+
+
+def decision_markdown(model_name: str, prediction: Prediction) -> str:
+    """The decision at the model's operating threshold, in words."""
+    p, t = prediction.p_positive, prediction.threshold
+    if prediction.decision:
+        verdict = f"**{POSITIVE_NAME} flagged** by `{model_name}`: P({POSITIVE_NAME}) = {p:.3f} is at or above"
+    else:
+        verdict = f"**Not flagged** by `{model_name}`: P({POSITIVE_NAME}) = {p:.3f} is below"
+    return f"{verdict} the model's operating threshold {t:.3f}. A research model's output, not a diagnosis."
+
+
+def agreement_markdown(names: list[str], predictions: list[Prediction]) -> str:
+    """Ensemble mean probability and whether the models agree at their own thresholds."""
+    n = len(predictions)
+    flagged = [name for name, pred in zip(names, predictions) if pred.decision]
+    mean = float(np.mean([pred.p_positive for pred in predictions]))
+    if n == 1:
+        agreement = "Only one model is installed, so there is nothing to compare it with."
+    elif len(flagged) == n:
+        agreement = f"All {n} models flag {POSITIVE_NAME} at their own thresholds."
+    elif not flagged:
+        agreement = f"None of the {n} models flags {POSITIVE_NAME} at its own threshold."
+    else:
+        agreement = (
+            f"The models disagree: {len(flagged)} of {n} flag {POSITIVE_NAME} ({', '.join(flagged)}). "
+            "Treat this image as uncertain."
+        )
+    return (
+        f"**Ensemble (unweighted mean) P({POSITIVE_NAME}) = {mean:.3f}.** {agreement} "
+        "The mean has no validated threshold of its own; it is shown for orientation only."
+    )
+
+
+def _num(value: Any, digits: int = 3) -> str:
+    return "n/a" if not isinstance(value, (int, float)) else f"{value:.{digits}f}"
+
+
+def _cell(value: Any) -> str:
+    text = value if isinstance(value, str) else ("" if value is None else str(value))
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _metric_cell(metric: dict | None) -> str:
+    if not isinstance(metric, dict):
+        return "n/a"
+    low, high = metric.get("ci_low"), metric.get("ci_high")
+    interval = f" ({_num(low)} to {_num(high)})" if low is not None and high is not None else ""
+    return f"{_num(metric.get('value'))}{interval}"
+
+
+def _report_markdown(split: str, report: dict) -> list[str]:
+    overall = report.get("overall") or {}
+    lines = [
+        f"#### {split} split: {report.get('n', '?')} images, {report.get('n_positive', '?')} {POSITIVE_NAME}",
+        "| metric | value (95 % interval) |",
+        "|---|---|",
+    ]
+    lines += [
+        f"| {label} | {_metric_cell(overall.get(key))} |" for key, label in METRIC_NAMES.items() if key in overall
+    ]
+    confusion = report.get("confusion")
+    if isinstance(confusion, dict):
+        lines.append(
+            "\nAt the threshold: " + ", ".join(f"{k.upper()} {confusion.get(k, '?')}" for k in ("tp", "fp", "tn", "fn"))
+        )
+    per_source = report.get("per_source") or {}
+    if per_source:
+        keys = [
+            k
+            for k in ("sensitivity", "specificity", "auc")
+            if any(k in (s.get("metrics") or {}) for s in per_source.values())
+        ]
+        lines += [
+            "\nPer source (a model that scores well on one source only may have learned the source):\n",
+            "| source | images | positive | " + " | ".join(METRIC_NAMES[k] for k in keys) + " |",
+            "|---|---|---|" + "---|" * len(keys),
+        ]
+        for source, entry in per_source.items():
+            metrics = entry.get("metrics") or {}
+            cells = [_metric_cell(metrics.get(k)) for k in keys]
+            lines.append(
+                f"| {_cell(source)} | {entry.get('n', '?')} | {entry.get('n_positive', '?')} | "
+                + " | ".join(cells)
+                + " |"
+            )
+    return lines
+
+
+def _data_markdown(data: dict) -> list[str]:
+    lines = ["#### Training data"]
+    for key in ("name", "root", "kaggle_handle", "kaggle_version"):
+        if data.get(key) is not None:
+            lines.append(f"- {key.replace('_', ' ')}: `{_cell(data[key])}`")
+    splits = data.get("splits") or {}
+    if splits:
+        lines += ["\n| split | images | positive | per source |", "|---|---|---|---|"]
+        for split, summary in splits.items():
+            per_source = summary.get("per_source") or {}
+            sources = "; ".join(
+                f"{_cell(s)}: " + ", ".join(f"{n} {_cell(label)}" for label, n in counts.items())
+                for s, counts in per_source.items()
+            )
+            lines.append(f"| {_cell(split)} | {summary.get('n', '?')} | {summary.get('n_positive', '?')} | {sources} |")
+    sources = data.get("sources") or {}
+    if sources:
+        columns = sorted({k for info in sources.values() if isinstance(info, dict) for k in info})
+        lines += [
+            "\n| source | " + " | ".join(columns) + " |",
+            "|---|" + "---|" * len(columns),
+        ]
+        for source, info in sources.items():
+            info = info if isinstance(info, dict) else {}
+            lines.append(f"| {_cell(source)} | " + " | ".join(_cell(info.get(c)) for c in columns) + " |")
+    return lines
+
+
+def card_markdown(card: dict) -> str:
+    """A model card for humans: threshold and its rule, metrics with 95 % intervals,
+    per-source results, provenance, intended use and limitations. Absent parts are skipped."""
+    lines = [f"### {_cell(card.get('name', '?'))}"]
+    facts = [f"architecture `{_cell(card.get('architecture', '?'))}`", f"input {card.get('input_size', '?')} px"]
+    for key, label in (("initialisation", "initialisation"), ("best_epoch", "best epoch"), ("created", "created")):
+        if card.get(key) is not None:
+            facts.append(f"{label} {_cell(card[key])}")
+    lines.append("; ".join(facts) + ".")
+    lines.append(
+        f"\n**Operating threshold:** flags {POSITIVE_NAME} when P({POSITIVE_NAME}) ≥ {_num(card.get('threshold'))}."
+    )
+    if card.get("threshold_rule"):
+        lines.append(f"Chosen by: {_cell(card['threshold_rule'])}.")
+    if card.get("intended_use"):
+        lines.append(f"\n**Intended use:** {_cell(card['intended_use'])}")
+    limitations = card.get("limitations") or []
+    if limitations:
+        lines.append("\n**Limitations**\n")
+        lines += [f"- {_cell(item)}" for item in limitations]
+
+    metrics = card.get("metrics") or {}
+    if not metrics:
+        lines.append("\n_This card has no evaluation results: the model's performance is unknown._")
+    for split in sorted(metrics, key=lambda s: (s != "test", s)):
+        if isinstance(metrics[split], dict):
+            lines.append("")
+            lines += _report_markdown(split, metrics[split])
+    if isinstance(card.get("data"), dict):
+        lines.append("")
+        lines += _data_markdown(card["data"])
+    if card.get("command"):
+        lines.append(f"\nTrained with `{_cell(card['command'])}`.")
+    return "\n".join(lines)
+
+
+def card_plots(card: dict, weights_dir: Path) -> list[tuple[Image.Image, str]]:
+    """The card's PNG plots that exist inside `weights_dir`, with captions."""
+    plots = card.get("plots") or {}
+    images = []
+    root = weights_dir.resolve()
+    for caption, filename in plots.items() if isinstance(plots, dict) else ():
+        path = (weights_dir / str(filename)).resolve()
+        if path.parent != root or not path.is_file():  # only files beside the card
+            continue
+        with Image.open(path) as image:
+            images.append((image.convert("RGB"), caption.replace("_", " ")))
+    return images
+
+
+# --------------------------------------------------------------------------- handlers
+
+
+def _user_error(message: str, title: str = "Error") -> gr.Error:
+    """An error the user can act on: shown in the page, not logged as a traceback.
+    Escaped because the page renders it as HTML and it may quote an uploaded file's name."""
+    return gr.Error(html.escape(message, quote=False), title=title, print_exception=False)
+
+
+def _predictor(store: ModelStore, model_name: str | None) -> Predictor:
+    if not store.names():
+        raise _user_error(f"No models are installed in {store.weights_dir}. Train one with: {TRAIN_COMMAND}")
+    if model_name not in store.cards:
+        raise _user_error(f"Unknown model {model_name!r}; choose one of {', '.join(store.names())}.")
+    try:
+        return store.get(model_name)
+    except ModelLoadError as err:
+        raise _user_error(str(err)) from err
+
+
+def _load(file: str | None) -> Image.Image:
+    try:
+        return load_upload(file)
+    except BadInputError as err:
+        raise _user_error(str(err), title="Cannot read this file") from err
+
+
+def _check_method(cam_method: str) -> None:
+    if cam_method not in CAM_METHODS:
+        raise _user_error(f"Unknown heatmap method {cam_method!r}; choose one of {', '.join(CAM_METHODS)}.")
+
+
+def _for_display(image: Image.Image) -> Image.Image:
+    shown = image.copy()
+    shown.thumbnail((DISPLAY_MAX_SIDE, DISPLAY_MAX_SIDE))
+    return shown
+
+
+def classify(store: ModelStore, file: str | None, model_name: str, cam_method: str, opacity: float):
+    """Classify one chest X-ray with one model and show where the model looked.
+
+    Args:
+        file: the uploaded chest X-ray: PNG, JPEG, BMP or TIFF (8 or 16 bit) or DICOM.
+        model_name: a model from the weights folder (see the Models tab).
+        cam_method: heatmap method, e.g. "Grad-CAM" or "Grad-CAM++".
+        opacity: heatmap opacity over the image, from 0 to 1.
+
+    Returns:
+        Confidence per class; the decision at the model's threshold in words; the image;
+        the heatmap over the part of the image the model sees; the timing.
+    """
+    start = time.perf_counter()
+    predictor = _predictor(store, model_name)
+    _check_method(cam_method)
+    image = _load(file)
+    x = predictor.preprocess(image)
+    prediction = predictor.predict(x)
+    cam_start = time.perf_counter()
+    heatmap = predictor.explain(x, cam_method)
+    cam_ms = 1000.0 * (time.perf_counter() - cam_start)
+    view = predictor.view(image)
+    confidences = {DISPLAY_NAMES[name]: p for name, p in prediction.probabilities.items()}
+    total_ms = 1000.0 * (time.perf_counter() - start)
+    timing = (
+        f"Prediction {prediction.latency_ms:.0f} ms · {cam_method} {cam_ms:.0f} ms · "
+        f"total {total_ms:.0f} ms including decoding the file, on {predictor.device}."
+    )
+    return (
+        confidences,
+        decision_markdown(model_name, prediction),
+        _for_display(image),
+        overlay(view, heatmap, opacity),
+        timing,
+        {"view": view, "heatmap": heatmap},
+    )
+
+
+def reblend(state: dict | None, opacity: float):
+    """Redraw the last heatmap at a new opacity, without running the model again."""
+    if not state:
+        return None
+    return overlay(state["view"], state["heatmap"], opacity)
+
+
+def compare(store: ModelStore, file: str | None, cam_method: str):
+    """Run every installed model on the same chest X-ray.
+
+    Args:
+        file: the uploaded chest X-ray: PNG, JPEG, BMP or TIFF (8 or 16 bit) or DICOM.
+        cam_method: heatmap method, e.g. "Grad-CAM" or "Grad-CAM++".
+
+    Returns:
+        A table (model, P(COVID-19), decision at its threshold, latency in ms), a gallery
+        of each model's heatmap, and the ensemble mean with whether the models agree.
+    """
+    if not store.names():
+        raise _user_error(f"No models are installed in {store.weights_dir}. Train one with: {TRAIN_COMMAND}")
+    _check_method(cam_method)
+    image = _load(file)
+    predictors = store.load_all()
+    if not predictors:
+        raise _user_error(f"None of the models in {store.weights_dir} could be loaded; see the Models tab.")
+    tensors: dict[tuple, Any] = {}  # models with the same geometry share one preprocessing
+    rows, gallery, names, predictions = [], [], [], []
+    for name, predictor in predictors.items():
+        if predictor.geometry not in tensors:
+            tensors[predictor.geometry] = predictor.preprocess(image)
+        x = tensors[predictor.geometry]
+        prediction = predictor.predict(x)  # latency_ms: the forward pass alone, comparable across models
+        heatmap = predictor.explain(x, cam_method)
+        verdict = f"{POSITIVE_NAME} flagged" if prediction.decision else "not flagged"
+        rows.append(
+            [
+                name,
+                round(prediction.p_positive, 4),
+                f"{verdict} (threshold {prediction.threshold:.3f})",
+                round(prediction.latency_ms, 1),
+            ]
+        )
+        gallery.append(
+            (
+                overlay(predictor.view(image), heatmap, COMPARE_OPACITY),
+                f"{name}: P({POSITIVE_NAME}) = {prediction.p_positive:.3f}",
+            )
+        )
+        names.append(name)
+        predictions.append(prediction)
+    return rows, gallery, agreement_markdown(names, predictions)
+
+
+def _bind(handler: Callable, store: ModelStore) -> Callable:
+    """`handler` with its store filled in; name and docstring kept for the API page."""
+    bound = functools.partial(handler, store)
+    bound.__name__, bound.__doc__ = handler.__name__, handler.__doc__
+    return bound
+
+
+def example_files(*folders: Path | None) -> list[str]:
+    """Image and DICOM files directly inside the given folders, sorted by name."""
+    files = []
+    for folder in folders:
+        if folder is not None and Path(folder).is_dir():
+            files += sorted(str(p) for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in UPLOAD_TYPES)
+    return files
+
+
+# --------------------------------------------------------------------------- layout
+
+
+def build_demo(weights_dir: Path, examples_dir: Path | None = None, store: ModelStore | None = None) -> gr.Blocks:
+    """The whole app for the models in `weights_dir` (weights loaded on first use, then
+    reused) and the example images in `examples_dir` plus `assets/examples/`. Pass `store`
+    to share an existing `ModelStore` of `weights_dir`."""
+    weights_dir = Path(weights_dir)
+    store = store if store is not None else ModelStore(weights_dir)
+    names = store.names()
+    examples = example_files(HERE / "assets" / "examples", examples_dir)
+
+    # analytics_enabled=False: no telemetry and no version check, whatever the environment says.
+    # delete_cache: uploads and outputs older than an hour are removed every half hour.
+    with gr.Blocks(
+        title="COVID-TL: chest X-ray research demo", analytics_enabled=False, delete_cache=(1800, 3600)
+    ) as demo:
+        gr.Markdown(
+            "# COVID-TL\nTransfer-learning CNNs that flag COVID-19 on chest X-rays, with heatmaps of "
+            "where each model looked."
+        )
+        gr.Markdown(DISCLAIMER, elem_id="disclaimer")
+        if not names:
+            gr.Markdown(no_models_markdown(weights_dir, store.skipped), elem_id="no-models")
+
+        with gr.Tabs():
+            with gr.Tab("Classify", id="classify"):
+                with gr.Row():
+                    with gr.Column(scale=1):
+                        upload = gr.File(
+                            label="Chest X-ray (PNG, JPEG, BMP, TIFF or DICOM)",
+                            file_types=UPLOAD_TYPES,
+                            type="filepath",
+                            elem_id="upload",
+                        )
+                        model = gr.Dropdown(names, value=names[0] if names else None, label="Model", elem_id="model")
+                        method = gr.Radio(list(CAM_METHODS), value=DEFAULT_METHOD, label="Heatmap method")
+                        opacity = gr.Slider(0.0, 1.0, value=0.4, step=0.05, label="Heatmap opacity")
+                        classify_button = gr.Button("Classify", variant="primary", elem_id="classify-button")
+                        if examples:
+                            gr.Examples([[path] for path in examples], inputs=[upload], label="Examples")
+                    with gr.Column(scale=2):
+                        confidences = gr.Label(
+                            label="Confidence per class", num_top_classes=len(CLASSES), elem_id="confidences"
+                        )
+                        decision = gr.Markdown(label="decision", elem_id="decision")
+                        with gr.Row():
+                            original = gr.Image(label="Uploaded image", type="pil", interactive=False, format="png")
+                            heatmap = gr.Image(
+                                label="Heatmap (center crop the model sees)",
+                                interactive=False,
+                                format="png",
+                                elem_id="heatmap",
+                            )
+                        timing = gr.Markdown(label="timing", elem_id="timing")
+                cam_state = gr.State()
+
+            with gr.Tab("Compare", id="compare"):
+                gr.Markdown(
+                    "Runs every installed model on the same image, each at its own operating threshold. "
+                    "Latency is one forward pass on this machine."
+                )
+                with gr.Row():
+                    with gr.Column(scale=1):
+                        compare_upload = gr.File(
+                            label="Chest X-ray (PNG, JPEG, BMP, TIFF or DICOM)",
+                            file_types=UPLOAD_TYPES,
+                            type="filepath",
+                            elem_id="compare-upload",
+                        )
+                        compare_method = gr.Radio(list(CAM_METHODS), value=DEFAULT_METHOD, label="Heatmap method")
+                        compare_button = gr.Button("Compare all models", variant="primary", elem_id="compare-button")
+                    with gr.Column(scale=2):
+                        table = gr.Dataframe(
+                            headers=["model", f"P({POSITIVE_NAME})", "decision", "latency (ms)"],
+                            datatype=["str", "number", "str", "number"],
+                            interactive=False,
+                            label="Every model on this image",
+                            elem_id="compare-table",
+                        )
+                        ensemble = gr.Markdown(label="ensemble", elem_id="ensemble")
+                        gallery = gr.Gallery(
+                            label="Heatmaps", columns=3, height="auto", elem_id="compare-gallery", format="png"
+                        )
+
+            with gr.Tab("Models", id="models"):
+                if not names:
+                    gr.Markdown(no_models_markdown(weights_dir, store.skipped))
+                for i, name in enumerate(names):
+                    card = store.cards[name]
+                    with gr.Accordion(name, open=i == 0):
+                        gr.Markdown(card_markdown(card))
+                        plots = card_plots(card, weights_dir)
+                        if plots:
+                            gr.Gallery(
+                                plots,
+                                label="Evaluation plots",
+                                columns=3,
+                                height=360,
+                                object_fit="contain",
+                                format="png",
+                            )
+                if names and store.skipped:
+                    gr.Markdown("**Not offered:**\n" + "\n".join(f"- `{f}`: {r}" for f, r in store.skipped.items()))
+
+            with gr.Tab("About", id="about"):
+                gr.Markdown(ABOUT)
+
+        # One image for both tabs. `.change` also follows example clicks; the reverse uses
+        # `.upload` (user uploads only), so the two never trigger each other in a loop.
+        upload.change(lambda f: f, upload, compare_upload, api_visibility="private")
+        compare_upload.upload(lambda f: f, compare_upload, upload, api_visibility="private")
+        classify_button.click(
+            _bind(classify, store),
+            inputs=[upload, model, method, opacity],
+            outputs=[confidences, decision, original, heatmap, timing, cam_state],
+            api_name="classify",
+        )
+        opacity.release(reblend, inputs=[cam_state, opacity], outputs=heatmap, api_visibility="private")
+        compare_button.click(
+            _bind(compare, store),
+            inputs=[compare_upload, compare_method],
+            outputs=[table, gallery, ensemble],
+            api_name="compare",
+        )
+    demo.queue(max_size=QUEUE_MAX_SIZE, default_concurrency_limit=CONCURRENCY_LIMIT)
+    return demo
+
+
+# --------------------------------------------------------------------------- launch
+
+
+def env_weights_dir() -> Path:
+    """COVIDTL_WEIGHTS, else `weights/` next to this file."""
+    return Path(os.environ.get("COVIDTL_WEIGHTS") or DEFAULT_WEIGHTS_DIR)
+
+
+def env_examples_dir() -> Path | None:
+    """COVIDTL_EXAMPLES, else None (only the shipped `assets/examples/`)."""
+    return Path(os.environ["COVIDTL_EXAMPLES"]) if os.environ.get("COVIDTL_EXAMPLES") else None
+
+
+def default_host() -> str:
+    """COVIDTL_HOST, else 0.0.0.0 on a Hugging Face Space (SPACE_ID set), else 127.0.0.1."""
+    return os.environ.get("COVIDTL_HOST") or ("0.0.0.0" if os.environ.get("SPACE_ID") else "127.0.0.1")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="COVID-TL Gradio app (research demonstration, not a medical device).")
+    p.add_argument("--host", default=default_host(), help="interface to listen on (COVIDTL_HOST)")
+    p.add_argument("--port", type=int, default=int(os.environ.get("COVIDTL_PORT", "7860")), help="port (COVIDTL_PORT)")
+    p.add_argument(
+        "--share",
+        action=argparse.BooleanOptionalAction,
+        default=os.environ.get("COVIDTL_SHARE", "") in ("1", "true", "True"),
+        help="also open a public gradio.live link (COVIDTL_SHARE=1)",
+    )
+    p.add_argument("--weights-dir", type=Path, default=env_weights_dir(), help="exported models (COVIDTL_WEIGHTS)")
+    p.add_argument(
+        "--examples-dir", type=Path, default=env_examples_dir(), help="extra example images (COVIDTL_EXAMPLES)"
+    )
+    return p.parse_args(argv)
+
+
+def launch_options(host: str = "127.0.0.1", port: int | None = None, share: bool = False) -> dict[str, Any]:
+    """Keyword arguments for `demo.launch`, shared by `__main__` and the tests."""
+    return {
+        "server_name": host,
+        "server_port": port,
+        "share": share,
+        "max_file_size": MAX_UPLOAD_BYTES,
+        "show_error": False,  # unexpected errors show a generic message, never a traceback
+        "run_history": False,  # gradio 6 would keep every upload (patient images) in the browser
+        "footer_links": ["api", "settings"],
+        "css": CSS,
+    }
+
+
+demo = build_demo(env_weights_dir(), env_examples_dir())
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("covidtl").setLevel(logging.INFO)
+    args = parse_args()
+    if (args.weights_dir, args.examples_dir) != (env_weights_dir(), env_examples_dir()):
+        demo = build_demo(args.weights_dir, args.examples_dir)
+    demo.launch(**launch_options(args.host, args.port, args.share))
