@@ -15,15 +15,14 @@ import logging
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from covidtl.data import (
+    CorruptImagesError,
     DatasetUnavailableError,
     LabelFileError,
     MissingImagesError,
-    CorruptImagesError,
     check_images,
     parse_label_file,
     scan_images,

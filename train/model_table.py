@@ -86,7 +86,7 @@ def render(weights_dir: Path) -> str:
             f"- Command: `{card['command']}`",
             f"- Initialisation: {card['initialisation']}",
             f"- Data: {data['name']} — {splits}",
-            f"- Sources: " + "; ".join(f"{s}: {v['description']} ({v['population']}; license {v['license']})"
+            "- Sources: " + "; ".join(f"{s}: {v['description']} ({v['population']}; license {v['license']})"
                                        for s, v in data["sources"].items()),
             f"- Threshold {card['threshold']:.4f}: {card['threshold_rule']}",
             f"- Intended use: {card['intended_use']}",

@@ -27,14 +27,13 @@ import covidtl
 from covidtl import metrics, plots
 from covidtl.audit import cam_audit
 from covidtl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from covidtl.classes import CLASSES
 from covidtl.config import TrainConfig, load_recipe
 from covidtl.data import (
     KAGGLE_HANDLE,
+    CorruptImagesError,
     DatasetUnavailableError,
     LabelFileError,
     MissingImagesError,
-    CorruptImagesError,
     check_images,
     class_weights,
     parse_label_file,
@@ -198,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
 
     root = resolve_dataset_root(args.data, handle=args.kaggle_handle, version=args.kaggle_version)
     splits = load_splits(root, args.on_missing, args.on_corrupt)
-    (train_records, train_dir), (val_records, val_dir) = splits["train"], splits["val"]
+    (train_records, train_dir), val_records = splits["train"], splits["val"][0]
     val_labels = np.array([r.label for r in val_records])
     if len(set(val_labels.tolist())) < 2:
         raise ValueError("the validation split needs both positive and negative images to select a model")
