@@ -358,7 +358,8 @@ class CorruptImagesError(ValueError):
     """Images that exist but cannot be decoded."""
 
 
-def _to_uint8(pixels: np.ndarray) -> np.ndarray:
+def rescale_to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """Min-max rescale any numeric array to uint8 [0, 255] (non-finite values count as 0)."""
     # Min-max over the finite values: 16-bit / 32-bit / float X-rays use their own range
     # (often 10-14 bits stored in 16), and clipping to 0..255 as PIL's convert("L") does
     # would turn them white. A constant image becomes black.
@@ -372,7 +373,7 @@ def _to_uint8(pixels: np.ndarray) -> np.ndarray:
 def _to_rgb(image: Image.Image) -> Image.Image:
     mode = image.mode
     if mode in ("I", "F") or mode.startswith("I;16"):
-        return Image.fromarray(_to_uint8(np.asarray(image)), mode="L").convert("RGB")
+        return Image.fromarray(rescale_to_uint8(np.asarray(image)), mode="L").convert("RGB")
     has_alpha = mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info
     if has_alpha:
         # Transparent areas become black, the colour of air on a radiograph.

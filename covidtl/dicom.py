@@ -21,6 +21,8 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder, pixel_array
 from pydicom.uid import UID, AllTransferSyntaxes
 
+from covidtl.data import rescale_to_uint8
+
 PREAMBLE_LENGTH = 128
 MAGIC = b"DICM"
 HEAD_LENGTH = PREAMBLE_LENGTH + len(MAGIC)  # bytes `is_dicom` needs to see
@@ -68,14 +70,6 @@ def _check_decodable(ds: pydicom.Dataset) -> None:
         )
 
 
-def _to_uint8(values: np.ndarray) -> np.ndarray:
-    values = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    low, high = float(values.min()), float(values.max())
-    if high <= low:
-        return np.zeros(values.shape, dtype=np.uint8)
-    return np.round((values - low) * (255.0 / (high - low))).astype(np.uint8)
-
-
 def read_dicom(source: str | Path | bytes | IO[bytes], max_pixels: int | None = None) -> Image.Image:
     """Decode a DICOM file (path, bytes or binary file object) to an RGB ``PIL.Image``.
 
@@ -120,10 +114,10 @@ def read_dicom(source: str | Path | bytes | IO[bytes], max_pixels: int | None = 
 
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     if ds.get("PhotometricInterpretation") == "PALETTE COLOR":
-        return Image.fromarray(_to_uint8(apply_color_lut(pixels, ds)))
+        return Image.fromarray(rescale_to_uint8(apply_color_lut(pixels, ds)))
     if samples == 1:
         values = apply_voi_lut(apply_modality_lut(pixels, ds), ds)
-        gray = _to_uint8(values)
+        gray = rescale_to_uint8(values)
         if ds.get("PhotometricInterpretation", "MONOCHROME2") == "MONOCHROME1":
             gray = 255 - gray
         return Image.fromarray(gray).convert("RGB")
@@ -131,4 +125,4 @@ def read_dicom(source: str | Path | bytes | IO[bytes], max_pixels: int | None = 
         raise DicomError(f"unsupported DICOM pixel layout: {samples} samples per pixel, array shape {pixels.shape}")
     if pixels.dtype == np.uint8:
         return Image.fromarray(pixels)
-    return Image.fromarray(_to_uint8(pixels))
+    return Image.fromarray(rescale_to_uint8(pixels))
