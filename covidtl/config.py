@@ -37,6 +37,7 @@ class TrainConfig:
     hflip: bool = True
     rotation: float = 10.0
     color_jitter: float = 0.1
+    crop_scale: float = 1.0  # < 1: random crops of this much of the area or more (training only)
     # "loss": class-weighted cross entropy; "sampler": class-balanced sampling;
     # "sampler_source": balanced over (label, source) pairs, against source shortcuts.
     balance: str = "loss"

@@ -591,14 +591,22 @@ def build_transform(
     hflip: bool = True,
     rotation: float = 10.0,
     color_jitter: float = 0.1,
+    crop_scale: float = 1.0,
 ) -> v2.Compose:
     """RGB ``PIL.Image`` -> normalized float32 tensor ``[3, input_size, input_size]``.
 
     Eval: resize the shorter side to ``input_size / crop_fraction``, center crop, normalize.
     Train adds, after the crop: horizontal flip, rotation by up to ``rotation`` degrees and
-    brightness/contrast jitter of ``color_jitter`` (each left out when off or zero).
+    brightness/contrast jitter of ``color_jitter`` (each left out when off or zero). With
+    ``crop_scale < 1`` the training crop is random instead of central: a square-ish crop of
+    ``crop_scale`` to all of the resized image's area, resized to ``input_size``; it moves
+    the film's edges, markers and body outline around so they are less useful as cues.
     """
+    if not 0 < crop_scale <= 1:
+        raise ValueError(f"crop_scale must be in (0, 1], got {crop_scale}")
     steps: list[v2.Transform] = eval_geometry(input_size, crop_fraction)
+    if train and crop_scale < 1:
+        steps[-1] = v2.RandomResizedCrop(input_size, scale=(crop_scale, 1.0), ratio=(0.8, 1.25))
     if train:
         if hflip:
             steps.append(v2.RandomHorizontalFlip())

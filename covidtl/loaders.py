@@ -59,6 +59,7 @@ def train_loader(
         hflip=config.hflip,
         rotation=config.rotation,
         color_jitter=config.color_jitter,
+        crop_scale=config.crop_scale,
     )
     weights = None
     if config.balance == "sampler":

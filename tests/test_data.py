@@ -587,3 +587,16 @@ def test_balanced_sampler_weights():
     assert by_source[2:11].sum() == pytest.approx(0.25) and by_source[11:].sum() == pytest.approx(0.25)
     with pytest.raises(ValueError, match="by must be"):
         data.balanced_sampler_weights(records, by="source")
+
+
+def test_random_crop_scale_is_training_only():
+    from covidtl.data import build_transform
+
+    image = Image.new("RGB", (300, 400))
+    train = build_transform(64, [0.5] * 3, [0.5] * 3, train=True, crop_scale=0.6)
+    assert any(type(t).__name__ == "RandomResizedCrop" for t in train.transforms)
+    assert train(image).shape == (3, 64, 64)
+    evaluation = build_transform(64, [0.5] * 3, [0.5] * 3, train=False, crop_scale=0.6)
+    assert not any(type(t).__name__ == "RandomResizedCrop" for t in evaluation.transforms)
+    with pytest.raises(ValueError, match="crop_scale"):
+        build_transform(64, [0.5] * 3, [0.5] * 3, train=True, crop_scale=0.0)
