@@ -72,7 +72,7 @@ def train_one_epoch(
 def predict_scores(
     model: nn.Module,
     loader: DataLoader,
-    device: torch.device,
+    device: torch.device | str,
     criterion: nn.Module | None = None,
     amp: bool = False,
     channels_last: bool = False,
@@ -83,6 +83,7 @@ def predict_scores(
     Returns (scores [N] float64 in [0, 1], labels [N] int64, mean loss or nan). Every
     process evaluates the whole loader (no sharding), so all ranks agree exactly.
     """
+    device = torch.device(device)
     model.eval()
     scores, labels_all, loss_sum = [], [], 0.0
     for images, labels in progress(loader) if progress else loader:
