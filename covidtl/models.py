@@ -54,6 +54,10 @@ class ModelSpec:
     std: tuple[float, float, float] = IMAGENET_STD
     pretrained_source: str = ""
     family: str = "torchvision"
+    # A module right after the head to replace with Identity: SqueezeNet's ReLU after its
+    # 1x1-conv classifier clamps logits at 0, and a fresh head whose outputs all go
+    # negative then gets no gradient at all (training from scratch stalls at loss ln 2).
+    identity_after_head: str | None = None
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -167,6 +171,7 @@ def _register_builtin() -> None:
                 cam_layer=cam,
                 last_stage=last,
                 pretrained_source=f"torchvision {weights.DEFAULT} ({weights.DEFAULT.url})",
+                identity_after_head="classifier.2" if name == "squeezenet1_1" else None,
             )
         )
     register(
@@ -228,6 +233,8 @@ def create_model(name: str, pretrained: bool = False, mode: str = "finetune") ->
     spec = get_spec(name)
     model = spec.build(pretrained)
     _replace_submodule(model, spec.head, _new_head(model.get_submodule(spec.head), len(CLASSES)))
+    if spec.identity_after_head:
+        _replace_submodule(model, spec.identity_after_head, nn.Identity())
     set_trainable(model, spec, mode)
     return model
 
