@@ -5,8 +5,15 @@ models and read their cards.
     python app.py --weights-dir weights --examples-dir my_examples --port 7861
 
 Every flag has an environment variable (COVIDTL_HOST, COVIDTL_PORT, COVIDTL_SHARE,
-COVIDTL_WEIGHTS, COVIDTL_EXAMPLES); on a Hugging Face Space (SPACE_ID is set) the
-default host is 0.0.0.0. A research demonstration, not a medical device.
+COVIDTL_WEIGHTS, COVIDTL_EXAMPLES, COVIDTL_QUEUE_SIZE); on a Hugging Face Space
+(SPACE_ID is set) the default host is 0.0.0.0. A research demonstration, not a medical device.
+
+Public-facing limits: uploads up to MAX_UPLOAD_BYTES (refused by gradio before the
+handler runs, and again by `load_upload`), images up to MAX_PIXELS checked from the
+header before decoding, CONCURRENCY_LIMIT requests at a time per endpoint and at most
+`queue_size` waiting (more are refused with "queue full" instead of piling up in
+memory), every request through that queue (`api_open=False`), model names only from
+the weights folder's cards, and no file served beyond gradio's own cache.
 
 Layout of this file: pure handler functions (they call covidtl and raise gr.Error for
 anything the user can fix), then `build_demo` with the gr.Blocks layout, the
@@ -45,7 +52,7 @@ from covidtl.inference import (
 HERE = Path(__file__).resolve().parent
 DEFAULT_WEIGHTS_DIR = HERE / "weights"
 UPLOAD_TYPES = sorted(IMAGE_EXTENSIONS | {".dcm", ".dicom"})
-QUEUE_MAX_SIZE = 32
+QUEUE_MAX_SIZE = 32  # requests waiting at once, all endpoints together; more are refused
 CONCURRENCY_LIMIT = 2  # simultaneous requests per event; each one uses every CPU core
 DISPLAY_MAX_SIDE = 1024  # the original is shown downscaled to this
 COMPARE_OPACITY = 0.4
@@ -308,9 +315,11 @@ def _predictor(store: ModelStore, model_name: str | None) -> Predictor:
         raise _user_error(str(err)) from err
 
 
-def _load(file: str | None) -> Image.Image:
+def _load(file: str | None, min_side: int | None = None) -> Image.Image:
+    """The upload as RGB; big films are decoded reduced, keeping at least `min_side` pixels
+    on the shorter side (what the models resize to anyway)."""
     try:
-        return load_upload(file)
+        return load_upload(file, min_side=min_side)
     except BadInputError as err:
         raise _user_error(str(err), title="Cannot read this file") from err
 
@@ -320,10 +329,19 @@ def _check_method(cam_method: str) -> None:
         raise _user_error(f"Unknown heatmap method {cam_method!r}; choose one of {', '.join(CAM_METHODS)}.")
 
 
+def _check_opacity(opacity: float) -> None:
+    if not isinstance(opacity, (int, float)) or not 0.0 <= opacity <= 1.0:  # NaN fails too
+        raise _user_error(f"Heatmap opacity must be a number from 0 to 1, not {opacity!r}.")
+
+
 def _for_display(image: Image.Image) -> Image.Image:
-    shown = image.copy()
-    shown.thumbnail((DISPLAY_MAX_SIDE, DISPLAY_MAX_SIDE))
-    return shown
+    """`image` scaled down to DISPLAY_MAX_SIDE, without a full-size copy first (a 7000 x 7000
+    upload would need another 150 MB for each request at once)."""
+    scale = DISPLAY_MAX_SIDE / max(image.size)
+    if scale >= 1:
+        return image
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
 
 
 def classify(store: ModelStore, file: str | None, model_name: str, cam_method: str, opacity: float):
@@ -342,7 +360,8 @@ def classify(store: ModelStore, file: str | None, model_name: str, cam_method: s
     start = time.perf_counter()
     predictor = _predictor(store, model_name)
     _check_method(cam_method)
-    image = _load(file)
+    _check_opacity(opacity)
+    image = _load(file, min_side=predictor.resize_side)
     x = predictor.preprocess(image)
     prediction = predictor.predict(x)
     cam_start = time.perf_counter()
@@ -386,10 +405,10 @@ def compare(store: ModelStore, file: str | None, cam_method: str):
     if not store.names():
         raise _user_error(f"No models are installed in {store.weights_dir}. Train one with: {TRAIN_COMMAND}")
     _check_method(cam_method)
-    image = _load(file)
     predictors = store.load_all()
     if not predictors:
         raise _user_error(f"None of the models in {store.weights_dir} could be loaded; see the Models tab.")
+    image = _load(file, min_side=max(p.resize_side for p in predictors.values()))
     tensors: dict[tuple, Any] = {}  # models with the same geometry share one preprocessing
     rows, gallery, names, predictions = [], [], [], []
     for name, predictor in predictors.items():
@@ -437,10 +456,16 @@ def example_files(*folders: Path | None) -> list[str]:
 # --------------------------------------------------------------------------- layout
 
 
-def build_demo(weights_dir: Path, examples_dir: Path | None = None, store: ModelStore | None = None) -> gr.Blocks:
+def build_demo(
+    weights_dir: Path,
+    examples_dir: Path | None = None,
+    store: ModelStore | None = None,
+    queue_size: int = QUEUE_MAX_SIZE,
+) -> gr.Blocks:
     """The whole app for the models in `weights_dir` (weights loaded on first use, then
     reused) and the example images in `examples_dir` plus `assets/examples/`. Pass `store`
-    to share an existing `ModelStore` of `weights_dir`."""
+    to share an existing `ModelStore` of `weights_dir`. At most `queue_size` requests wait
+    for a turn; the next ones are refused with "queue full"."""
     weights_dir = Path(weights_dir)
     store = store if store is not None else ModelStore(weights_dir)
     names = store.names()
@@ -559,7 +584,9 @@ def build_demo(weights_dir: Path, examples_dir: Path | None = None, store: Model
             outputs=[table, gallery, ensemble],
             api_name="compare",
         )
-    demo.queue(max_size=QUEUE_MAX_SIZE, default_concurrency_limit=CONCURRENCY_LIMIT)
+    # api_open=False: gradio would otherwise (anywhere but on a Space) let a plain POST to
+    # /gradio_api/run/<name> skip the queue, its size limit and its concurrency limit.
+    demo.queue(max_size=queue_size, default_concurrency_limit=CONCURRENCY_LIMIT, api_open=False)
     return demo
 
 
@@ -574,6 +601,11 @@ def env_weights_dir() -> Path:
 def env_examples_dir() -> Path | None:
     """COVIDTL_EXAMPLES, else None (only the shipped `assets/examples/`)."""
     return Path(os.environ["COVIDTL_EXAMPLES"]) if os.environ.get("COVIDTL_EXAMPLES") else None
+
+
+def env_queue_size() -> int:
+    """COVIDTL_QUEUE_SIZE, else QUEUE_MAX_SIZE."""
+    return int(os.environ.get("COVIDTL_QUEUE_SIZE") or QUEUE_MAX_SIZE)
 
 
 def default_host() -> str:
@@ -595,6 +627,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--examples-dir", type=Path, default=env_examples_dir(), help="extra example images (COVIDTL_EXAMPLES)"
     )
+    p.add_argument(
+        "--queue-size",
+        type=int,
+        default=env_queue_size(),
+        help=f"requests that may wait at once; more are refused (COVIDTL_QUEUE_SIZE, default {QUEUE_MAX_SIZE})",
+    )
     return p.parse_args(argv)
 
 
@@ -612,12 +650,13 @@ def launch_options(host: str = "127.0.0.1", port: int | None = None, share: bool
     }
 
 
-demo = build_demo(env_weights_dir(), env_examples_dir())
+demo = build_demo(env_weights_dir(), env_examples_dir(), queue_size=env_queue_size())
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("covidtl").setLevel(logging.INFO)
     args = parse_args()
-    if (args.weights_dir, args.examples_dir) != (env_weights_dir(), env_examples_dir()):
-        demo = build_demo(args.weights_dir, args.examples_dir)
+    chosen = (args.weights_dir, args.examples_dir, args.queue_size)
+    if chosen != (env_weights_dir(), env_examples_dir(), env_queue_size()):
+        demo = build_demo(args.weights_dir, args.examples_dir, queue_size=args.queue_size)
     demo.launch(**launch_options(args.host, args.port, args.share))

@@ -86,14 +86,14 @@ def shoot(url: str, image: Path, out_dir: Path, chromium: Path) -> list[Path]:
             page.locator("#upload input[type=file]").set_input_files(str(image))
             expect(page.locator("#upload")).to_contain_text(image.stem)
             page.locator("#classify-button").click()
-            expect(page.locator("#heatmap img")).to_be_visible()
+            expect(page.locator("#heatmap img")).to_be_visible(timeout=TIMEOUT_MS)
             expect(page.locator("#timing")).to_contain_text("ms")
             for tab in ("classify", "compare", "models", "about"):
                 page.get_by_role("tab", name=tab.capitalize()).click()
                 if tab == "compare":
                     page.locator("#compare-button").click()
                     expect(page.locator("#ensemble")).to_contain_text("Ensemble")
-                    expect(page.locator("#compare-gallery img").first).to_be_visible()
+                    expect(page.locator("#compare-gallery img").first).to_be_visible(timeout=TIMEOUT_MS)
                 page.wait_for_timeout(500)  # let images and tab transitions settle
                 path = out_dir / f"screenshot-{tab}.png"
                 page.screenshot(path=str(path), full_page=True)

@@ -15,6 +15,7 @@ from typing import Any
 from covidtl.models import MODES, list_models
 
 BALANCE = ("none", "loss", "sampler", "sampler_source")
+CACHE = ("none", "gray", "rgb")  # "none", or the colour of a covidtl.cache image cache
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,9 @@ class TrainConfig:
     n_boot: int = 1000
     seed: int = 0
     num_workers: int = 2
+    # "gray"/"rgb": decode each image once into a pre-resized, memory-mapped cache
+    # (covidtl.cache) and train and evaluate from it; "none" decodes every epoch.
+    cache: str = "none"
     amp: bool = True  # CUDA only
     channels_last: bool = True  # CUDA only
     weights_dtype: str = "float32"
@@ -58,6 +62,8 @@ class TrainConfig:
             raise ValueError(f"unknown mode {self.mode!r}; choose from {list(MODES)}")
         if self.balance not in BALANCE:
             raise ValueError(f"unknown balance {self.balance!r}; choose from {list(BALANCE)}")
+        if self.cache not in CACHE:
+            raise ValueError(f"unknown cache {self.cache!r}; choose from {list(CACHE)}")
         if (self.mean is None) != (self.std is None):
             raise ValueError("give both mean and std, or neither")
         if self.weights_dtype not in ("float32", "float16"):
@@ -69,6 +75,11 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @staticmethod
+    def defaults() -> dict[str, Any]:
+        """Every field that has a default, with it (what an older config without it meant)."""
+        return {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
 
 
 def config_from_dict(values: dict[str, Any], source: str = "config") -> TrainConfig:

@@ -26,6 +26,7 @@ from covidtl.data import rescale_to_uint8
 PREAMBLE_LENGTH = 128
 MAGIC = b"DICM"
 HEAD_LENGTH = PREAMBLE_LENGTH + len(MAGIC)  # bytes `is_dicom` needs to see
+WHAT_TO_DO = "the file may be truncated or corrupt: upload the complete DICOM image, or export it as a PNG"
 
 
 class DicomError(ValueError):
@@ -86,18 +87,21 @@ def read_dicom(source: str | Path | bytes | IO[bytes], max_pixels: int | None = 
     try:
         ds = pydicom.dcmread(source, force=True)
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as err:
-        raise DicomError(f"not a readable DICOM file ({type(err).__name__}: {err})") from err
+        raise DicomError(f"not a readable DICOM file ({type(err).__name__}: {err}); {WHAT_TO_DO}") from err
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         if "SOPClassUID" not in ds and "Rows" not in ds:
             # force=True reads any bytes as "a dataset"; without these it is not DICOM.
-            raise DicomError("not a DICOM file: it has neither the DICM signature nor DICOM image elements")
+            raise DicomError(
+                "not a DICOM file: it has neither the DICM signature nor DICOM image elements; "
+                "upload a DICOM image, or the X-ray as PNG, JPEG, BMP or TIFF"
+            )
         raise DicomError(
             "the DICOM file has no pixel data (it may be a report, a structured document or a "
             "DICOMDIR); upload the image object itself"
         )
     rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     if rows <= 0 or columns <= 0:
-        raise DicomError(f"the DICOM file declares an image of {rows} x {columns} pixels")
+        raise DicomError(f"the DICOM file declares an image of {rows} x {columns} pixels; {WHAT_TO_DO}")
     if max_pixels is not None and rows * columns > max_pixels:
         raise DicomError(
             f"the DICOM image is {columns} x {rows} = {rows * columns / 1e6:.1f} megapixels; "
@@ -110,7 +114,7 @@ def read_dicom(source: str | Path | bytes | IO[bytes], max_pixels: int | None = 
         # index=0 decodes only the first frame of a multi-frame file.
         pixels = pixel_array(ds, index=0) if frames > 1 else ds.pixel_array
     except (ValueError, RuntimeError, NotImplementedError, AttributeError, KeyError, TypeError) as err:
-        raise DicomError(f"the DICOM pixel data does not decode ({type(err).__name__}: {err})") from err
+        raise DicomError(f"the DICOM pixel data does not decode ({type(err).__name__}: {err}); {WHAT_TO_DO}") from err
 
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     if ds.get("PhotometricInterpretation") == "PALETTE COLOR":
@@ -122,7 +126,10 @@ def read_dicom(source: str | Path | bytes | IO[bytes], max_pixels: int | None = 
             gray = 255 - gray
         return Image.fromarray(gray).convert("RGB")
     if pixels.ndim != 3 or pixels.shape[-1] != 3:
-        raise DicomError(f"unsupported DICOM pixel layout: {samples} samples per pixel, array shape {pixels.shape}")
+        raise DicomError(
+            f"unsupported DICOM pixel layout: {samples} samples per pixel, array shape {pixels.shape}; "
+            "export the image as a PNG and upload that"
+        )
     if pixels.dtype == np.uint8:
         return Image.fromarray(pixels)
     return Image.fromarray(rescale_to_uint8(pixels))

@@ -13,6 +13,9 @@ does this with its lock.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 from matplotlib import colormaps
@@ -32,6 +35,31 @@ CAM_METHODS: dict[str, type] = {
     "Eigen-CAM": EigenCAM,  # class-agnostic: first principal component of the activations
 }
 DEFAULT_METHOD = "Grad-CAM"
+
+
+@contextmanager
+def _gradients_from(model: nn.Module, layer: nn.Module) -> Iterator[None]:
+    """Backward passes stop at `layer`: its output becomes a leaf that requires grad, and no
+    parameter does, so the graph (and the backward pass) covers only the layers after it.
+
+    A CAM needs d(class score)/d(activation) and nothing else; without this, backward runs
+    through the whole network to reach every parameter, for gradients no one reads.
+    """
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+
+    def cut(module: nn.Module, inputs: object, output: torch.Tensor) -> torch.Tensor:
+        # clone: layers after it may work in place (DenseNet's ReLU), which a leaf forbids.
+        return output.detach().requires_grad_(True).clone()
+
+    for p, _ in flags:
+        p.requires_grad_(False)
+    handle = layer.register_forward_hook(cut)  # before the CAM's hooks, which then see the cut
+    try:
+        yield
+    finally:
+        handle.remove()
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def explain(
@@ -66,9 +94,13 @@ def explain(
 
     heatmap = None
     # grad-cam's __exit__ prints and swallows IndexError, so `heatmap` is checked after.
-    with torch.enable_grad(), CAM_METHODS[method](model=model, target_layers=[layer]) as cam:
+    # Left to right: the cut's hook is registered before the CAM's.
+    with (
+        torch.enable_grad(),
+        _gradients_from(model, layer),
+        CAM_METHODS[method](model=model, target_layers=[layer]) as cam,
+    ):
         heatmap = cam(input_tensor=input_tensor, targets=[ClassifierOutputTarget(class_index)])[0]
-    model.zero_grad(set_to_none=True)  # free the parameter gradients the backward pass made
     if heatmap is None:
         raise RuntimeError(f"{method} produced no map for layer {target_layer!r}")
     return np.clip(np.nan_to_num(heatmap.astype(np.float32)), 0.0, 1.0)

@@ -14,6 +14,7 @@ Only ``.safetensors`` weights with a JSON card are ever loaded; pickles are igno
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 
 MAX_UPLOAD_BYTES = 50 * 2**20
 MAX_PIXELS = 50_000_000  # about 7000 x 7000; real chest X-rays are under 20 megapixels
+MIN_SIDE = 32  # pixels; smaller is no radiograph (and would only be upsampled noise)
+MAX_ASPECT = 4.0  # longer side / shorter side; chest X-rays are near 1
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
 PICKLE_SUFFIXES = frozenset({".pt", ".pth", ".ckpt", ".bin", ".pkl"})
 ACCEPTED = "PNG, JPEG, BMP or TIFF (8- or 16-bit), or a DICOM file"
@@ -54,33 +57,81 @@ class ModelLoadError(RuntimeError):
 # --------------------------------------------------------------------------- uploads
 
 
-def _check_image_pixels(path: Path, max_pixels: int) -> None:
-    """Refuse images over `max_pixels` from the header alone, before decoding."""
+def _decoder_failure(path: Path, err: BaseException) -> BadInputError:
+    return BadInputError(
+        f"{path.name} cannot be decoded ({type(err).__name__}: {err}); it may be truncated or corrupt. "
+        f"Upload {ACCEPTED}"
+    )
+
+
+def _check_geometry(name: str, width: int, height: int, max_pixels: int) -> None:
+    """Refuse sizes no chest X-ray has: over `max_pixels`, a side under MIN_SIDE, or a
+    strip (the resize to the model's input would blow a 5 x 100,000 strip up to gigabytes)."""
+    if width * height > max_pixels:
+        raise BadInputError(
+            f"{name} is {width} x {height} = {width * height / 1e6:.1f} megapixels; "
+            f"the limit is {max_pixels / 1e6:.0f} megapixels. Downscale it and upload again"
+        )
+    ratio = max(width, height) / max(1, min(width, height))
+    if min(width, height) < MIN_SIDE or ratio > MAX_ASPECT:
+        raise BadInputError(
+            f"{name} is {width} x {height} pixels; a chest X-ray needs at least {MIN_SIDE} pixels on each "
+            f"side and an aspect ratio of at most {MAX_ASPECT:g}:1 (this one is {ratio:.1f}:1)"
+        )
+
+
+def _check_header(path: Path, max_pixels: int) -> None:
+    """Refuse images whose header declares a size `_check_geometry` refuses, before decoding."""
     try:
         with Image.open(path) as image:
             width, height = image.size
     except Image.DecompressionBombError as err:
-        raise BadInputError(f"{path.name} is too large to decode safely ({err})") from err
+        # PIL refuses more than 2 x MAX_IMAGE_PIXELS at open, before we see the size.
+        claimed = re.search(r"\((\d+) pixels\)", str(err))
+        amount = f"{int(claimed.group(1)) / 1e6:.1f} megapixels" if claimed else "far more pixels than allowed"
+        raise BadInputError(
+            f"{path.name} declares {amount} (a decompression bomb?); the limit is {max_pixels / 1e6:.0f} "
+            "megapixels. Downscale it and upload again"
+        ) from err
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise BadInputError(f"{path.name} is not an image this app can read; upload {ACCEPTED}") from err
-    if width * height > max_pixels:
+    except ValueError as err:  # PIL's own limits, e.g. a text chunk that inflates past MAX_TEXT_CHUNK
+        raise BadInputError(f"{path.name} cannot be read safely ({err}); upload {ACCEPTED}") from err
+    except Exception as err:  # any failure of a decoder on an untrusted file means "unreadable"
+        log.warning("cannot open upload %s", path.name, exc_info=True)
+        raise _decoder_failure(path, err) from err
+    _check_geometry(path.name, width, height, max_pixels)
+
+
+def _check_not_blank(name: str, image: Image.Image) -> None:
+    extrema = image.getextrema()  # ((min, max) per band)
+    if all(low == high for low, high in extrema):
+        value = tuple(low for low, _ in extrema)
         raise BadInputError(
-            f"{path.name} is {width} x {height} = {width * height / 1e6:.1f} megapixels; "
-            f"the limit is {max_pixels / 1e6:.0f} megapixels. Downscale it and upload again"
+            f"{name} is blank: every pixel is {value} after conversion to 8-bit RGB, so there is nothing to "
+            f"classify; upload the X-ray itself ({ACCEPTED})"
         )
 
 
 def load_upload(
-    path: str | Path | None, max_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_PIXELS
+    path: str | Path | None,
+    max_bytes: int = MAX_UPLOAD_BYTES,
+    max_pixels: int = MAX_PIXELS,
+    min_side: int | None = None,
 ) -> Image.Image:
     """Read an uploaded file as an 8-bit RGB image.
 
     DICOM is recognised by its ``DICM`` signature or a ``.dcm``/``.dicom`` name; anything
-    else is opened as an image (PNG, JPEG, BMP, TIFF, 8 or 16 bit).
+    else is opened as an image (PNG, JPEG, BMP, TIFF, 8 or 16 bit). Sizes are checked from
+    the header, before any pixel is decoded. With `min_side` (e.g. the largest
+    `Predictor.resize_side` of the models to run) a big image (not DICOM) comes back
+    reduced, as `covidtl.data.load_image` does: much faster, nearly the same model input.
 
     Raises:
         BadInputError: no file, an empty or missing file, more than `max_bytes` bytes or
-            `max_pixels` pixels, or a file that is not a readable image or DICOM.
+            `max_pixels` pixels, a side under `MIN_SIDE` pixels or an aspect ratio over
+            `MAX_ASPECT`, a blank image (one value everywhere), or a file that is not a
+            readable image or DICOM. The message says what is wrong and what is accepted.
     """
     if path is None or str(path) == "":
         raise BadInputError(f"no file was uploaded; choose a chest X-ray ({ACCEPTED})")
@@ -92,27 +143,40 @@ def load_upload(
     if size == 0:
         raise BadInputError(f"{path.name} is empty (0 bytes); upload {ACCEPTED}")
     if size > max_bytes:
-        raise BadInputError(f"{path.name} is {size / 2**20:.1f} MiB; the limit is {max_bytes / 2**20:.0f} MiB")
+        raise BadInputError(
+            f"{path.name} is {size:,} bytes, over the upload limit of {max_bytes / 2**20:.0f} MiB; "
+            "export it smaller (e.g. as PNG or JPEG) and upload again"
+        )
     with open(path, "rb") as f:
         head = f.read(HEAD_LENGTH)
 
     if is_dicom(head) or path.suffix.lower() in DICOM_SUFFIXES:
         try:
-            return read_dicom(path, max_pixels=max_pixels)
+            image = read_dicom(path, max_pixels=max_pixels)
         except DicomError as err:
             raise BadInputError(f"{path.name}: {err}") from err
-    _check_image_pixels(path, max_pixels)
-    try:
-        return load_image(path)
-    except UnreadableImageError as err:
-        reason = err.__cause__ or err
-        raise BadInputError(
-            f"{path.name} cannot be decoded ({type(reason).__name__}: {reason}); it may be "
-            f"truncated or corrupt. Upload {ACCEPTED}"
-        ) from err
+        except Exception as err:  # see _check_header
+            log.warning("cannot decode DICOM upload %s", path.name, exc_info=True)
+            raise _decoder_failure(path, err) from err
+        _check_geometry(path.name, *image.size, max_pixels)
+    else:
+        _check_header(path, max_pixels)
+        try:
+            image = load_image(path, min_side=min_side)
+        except UnreadableImageError as err:
+            raise _decoder_failure(path, err.__cause__ or err) from err
+        except Exception as err:  # see _check_header
+            log.warning("cannot decode upload %s", path.name, exc_info=True)
+            raise _decoder_failure(path, err) from err
+    _check_not_blank(path.name, image)
+    return image
 
 
 # --------------------------------------------------------------------------- predictor
+
+
+def _rgb(image: Image.Image) -> Image.Image:
+    return image if image.mode == "RGB" else image.convert("RGB")  # convert() would copy an RGB image
 
 
 @dataclass(frozen=True)
@@ -153,6 +217,8 @@ class Predictor:
             self.input_size, self.mean, self.std, train=False, crop_fraction=self.crop_fraction
         )
         self._view = v2.Compose(eval_geometry(self.input_size, self.crop_fraction))
+        # The resize before the crop: images need no more than this shorter side (see load_upload).
+        self.resize_side = round(self.input_size / self.crop_fraction)
         self.lock = threading.Lock()
 
     @classmethod
@@ -168,11 +234,11 @@ class Predictor:
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """RGB image -> normalized float32 tensor [1, 3, S, S] on the model's device."""
-        return self.transform(image.convert("RGB")).unsqueeze(0).to(self.device)
+        return self.transform(_rgb(image)).unsqueeze(0).to(self.device)
 
     def view(self, image: Image.Image) -> np.ndarray:
         """The part of `image` the model sees (resized, center-cropped), uint8 [S, S, 3]."""
-        return np.asarray(self._view(image.convert("RGB")))
+        return np.asarray(self._view(_rgb(image)))
 
     def predict(self, image: Image.Image | torch.Tensor) -> Prediction:
         """Classify an RGB image, or a tensor from `preprocess` of an equal-geometry model."""

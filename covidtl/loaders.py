@@ -1,4 +1,8 @@
-"""DataLoaders for training and evaluation, built from label records and a recipe."""
+"""DataLoaders for training and evaluation, built from label records and a recipe.
+
+With an :class:`covidtl.cache.ImageCache` of the split (``cache=``) the images come
+pre-resized from the cache instead of being decoded every epoch; the tensors are the same.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,24 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from covidtl.cache import CachedDataset, ImageCache
 from covidtl.config import TrainConfig
 from covidtl.data import CovidxDataset, Record, balanced_sampler_weights, build_transform
 from covidtl.engine import EpochSampler
+
+
+def _dataset(
+    records: Sequence[Record],
+    image_dir: Path,
+    transform,
+    input_size: int,
+    crop_fraction: float,
+    cache: ImageCache | None,
+) -> torch.utils.data.Dataset:
+    if cache is None:
+        return CovidxDataset(records, image_dir, transform)
+    cache.check_geometry(input_size, crop_fraction)
+    return CachedDataset(cache, records, transform)
 
 
 def eval_loader(
@@ -22,11 +41,15 @@ def eval_loader(
     crop_fraction: float = 0.9,
     batch_size: int = 64,
     num_workers: int = 2,
+    cache: ImageCache | None = None,
 ) -> DataLoader:
-    """Deterministic loader in record order (resize, center crop, normalize)."""
+    """Deterministic loader in record order (resize, center crop, normalize).
+
+    `cache`: a cache of `records` built for (input_size, crop_fraction), or None to decode.
+    """
     transform = build_transform(input_size, mean, std, train=False, crop_fraction=crop_fraction)
     return DataLoader(
-        CovidxDataset(records, image_dir, transform),
+        _dataset(records, image_dir, transform, input_size, crop_fraction, cache),
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
@@ -44,11 +67,13 @@ def train_loader(
     std: Sequence[float],
     rank: int = 0,
     world_size: int = 1,
+    cache: ImageCache | None = None,
 ) -> tuple[DataLoader, EpochSampler]:
     """Augmented, shuffled (or balanced, per `config.balance`) loader, sharded by rank.
 
     Call `sampler.set_epoch(epoch)` before each epoch: the order is a function of
-    (seed, epoch, rank), so a resumed run sees the same batches.
+    (seed, epoch, rank), so a resumed run sees the same batches. `cache`: a cache of
+    `records` built for (input_size, config.crop_fraction), or None to decode every epoch.
     """
     transform = build_transform(
         input_size,
@@ -68,7 +93,7 @@ def train_loader(
         weights = balanced_sampler_weights(records, by="label_source")
     sampler = EpochSampler(len(records), weights, seed=config.seed, rank=rank, world_size=world_size)
     loader = DataLoader(
-        CovidxDataset(records, image_dir, transform),
+        _dataset(records, image_dir, transform, input_size, config.crop_fraction, cache),
         batch_size=config.batch_size,
         sampler=sampler,
         num_workers=config.num_workers,

@@ -3,6 +3,9 @@
 Statistics are of pixel values in [0, 1] after the eval framing of :mod:`covidtl.data`
 (RGB load, ``Resize(round(size / crop_fraction))``, ``CenterCrop(size)``), over all pixels
 of all images: the population mean and std that ``Normalize`` expects.
+
+From an image cache (:mod:`covidtl.cache`) nothing is decoded: the pass counts pixel
+values (256 per channel) over the memory-mapped crops, exactly, in integers.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
+from covidtl.cache import ImageCache
 from covidtl.data import CovidxDataset, Record, eval_geometry, load_image
 
 __all__ = ["COVIDX_STATS", "compute_stats", "reference_stats"]
@@ -45,15 +49,22 @@ def compute_stats(
     num_workers: int = 2,
     progress: Callable[[Iterable], Iterable] | None = None,
     crop_fraction: float = 0.9,
+    cache: ImageCache | None = None,
 ) -> tuple[Triple, Triple]:
     """Return ``(mean, std)`` per RGB channel, in [0, 1] units, of ``records``' images.
 
     Streams uint8 batches ``[B, 3, size, size]`` from a DataLoader with ``num_workers``
-    worker processes and accumulates per-channel sums and sums of squares in float64.
+    worker processes and accumulates per-channel sums and sums of squares in float64;
+    with ``cache`` (built for ``size`` and ``crop_fraction``) it reads the cached crops
+    ``batch_size`` at a time instead, and decodes nothing. A ``"gray"`` cache holds
+    luminance: the same values for grey images, one value for all three channels.
 
     Args:
         progress: optional wrapper of an iterable (e.g. ``tqdm``) over the batches.
     """
+    if cache is not None:
+        cache.check_geometry(size, crop_fraction)
+        return _cache_stats(cache, records, batch_size, progress)
     transform = v2.Compose([*eval_geometry(size, crop_fraction), v2.ToImage()])
     loader = DataLoader(
         CovidxDataset(records, image_dir, transform),
@@ -71,6 +82,26 @@ def compute_stats(
         total_sq += pixels.square().sum(dim=(0, 2, 3))
         count += pixels.shape[0] * pixels.shape[2] * pixels.shape[3]
     return _finish(total.tolist(), total_sq.tolist(), count)
+
+
+def _cache_stats(
+    cache: ImageCache, records: Sequence[Record], batch_size: int, progress: Callable[[Iterable], Iterable] | None
+) -> tuple[Triple, Triple]:
+    rows, columns = cache.center()
+    order = np.sort(cache.rows(records))  # in file order: sequential reads of the memmap
+    pixels = cache.pixels()
+    channels = 3 if cache.color == "rgb" else 1
+    counts = np.zeros((channels, 256), dtype=np.int64)  # histogram of 0..255 per channel
+    batches = range(0, len(order), max(1, batch_size))
+    for start in progress(batches) if progress is not None else batches:
+        block = pixels[order[start : start + batch_size], rows, columns].reshape(-1, channels)
+        for c in range(channels):
+            counts[c] += np.bincount(block[:, c], minlength=256)
+    if channels == 1:
+        counts = np.repeat(counts, 3, axis=0)
+    values = np.arange(256, dtype=np.int64)
+    total, total_sq = counts @ values, counts @ values**2
+    return _finish(total.astype(np.float64).tolist(), total_sq.astype(np.float64).tolist(), int(counts[0].sum()))
 
 
 def reference_stats(

@@ -8,6 +8,8 @@ import socket
 from pathlib import Path
 
 import numpy as np
+import pytest
+from gradio_client import Client
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -107,3 +109,11 @@ def hook_count(model) -> int:
         len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) + len(m._backward_pre_hooks)
         for m in model.modules()
     )
+
+
+def offline_client(url: str) -> Client:
+    """A client that starts no telemetry thread (gradio_client reads the variable, not the argument)."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+        env.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+        return Client(url, verbose=False, analytics_enabled=False)

@@ -16,7 +16,7 @@ import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
-from synthetic_inputs import export_tiny_model, free_port, hook_count, make_dicom, save_png, xray_like
+from synthetic_inputs import export_tiny_model, free_port, hook_count, make_dicom, offline_client, save_png, xray_like
 
 import app
 from covidtl.classes import DISPLAY_NAMES
@@ -114,7 +114,7 @@ def served(weights, store, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(served) -> Client:
-    return Client(served, verbose=False)
+    return offline_client(served)
 
 
 # --------------------------------------------------------------------------- handlers

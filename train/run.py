@@ -26,8 +26,9 @@ from tqdm import tqdm
 import covidtl
 from covidtl import metrics, plots
 from covidtl.audit import cam_audit
+from covidtl.cache import ImageCache, default_cache_dir, ensure_cache
 from covidtl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from covidtl.config import TrainConfig, load_recipe
+from covidtl.config import CACHE, TrainConfig, load_recipe
 from covidtl.data import (
     KAGGLE_HANDLE,
     CorruptImagesError,
@@ -83,6 +84,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="ImageNet initialisation (--no-pretrained trains from scratch)")
     p.add_argument("--stats", choices=("recipe", "compute"), default="recipe",
                    help="normalization: the recipe's/backbone's mean and std, or compute them on the train split")
+    p.add_argument("--cache", choices=CACHE,
+                   help="override the recipe's image cache: decode every image once into a pre-resized memory-mapped "
+                        "cache, grey (X-rays; a third of the bytes) or rgb, or none (decode every epoch)")
+    p.add_argument("--cache-dir", type=Path, help=f"where image caches live (default {default_cache_dir()}, $COVIDTL_CACHE)")
     p.add_argument("--on-missing", choices=("error", "skip"), default="error", help="images listed but absent")
     p.add_argument("--on-corrupt", choices=("error", "skip"), default="error", help="images that do not decode")
     p.add_argument("--resume", action="store_true", help="continue from runs/<name>/last after the last completed epoch")
@@ -135,12 +140,28 @@ def load_splits(root: Path, on_missing: str, on_corrupt: str) -> dict[str, tuple
     return splits
 
 
-def normalization(config: TrainConfig, args: argparse.Namespace, train_split, input_size: int, show: bool):
+def prepare_caches(config: TrainConfig, root: Path, splits, input_size: int, cache_dir: Path | None,
+                   show: bool) -> dict[str, ImageCache]:
+    """{split: image cache} when the recipe asks for one: built on the first run, reused after
+    (rebuilt when a label file or an image changes). Concurrent ranks build each one once."""
+    if config.cache == "none":
+        return {}
+    caches = {}
+    for split, (records, image_dir) in splits.items():
+        bar = lambda it, split=split: tqdm(it, desc=f"caching {split}", leave=False, disable=not show)
+        caches[split] = ensure_cache(records, image_dir, split_paths(root, split)[0], cache_dir, input_size,
+                                     config.crop_fraction, config.cache, progress=bar)
+    return caches
+
+
+def normalization(config: TrainConfig, args: argparse.Namespace, train_split, input_size: int, show: bool,
+                  cache: ImageCache | None = None):
     spec = get_spec(config.backbone)
     if args.stats == "compute":
         records, image_dir = train_split
         bar = lambda it: tqdm(it, desc="normalization stats", leave=False, disable=not show)  # noqa: E731
-        mean, std = compute_stats(records, image_dir, size=input_size, num_workers=config.num_workers, progress=bar)
+        mean, std = compute_stats(records, image_dir, size=input_size, num_workers=config.num_workers, progress=bar,
+                                  crop_fraction=config.crop_fraction, cache=cache)
         return mean, std, "computed on the train split (python -m train --stats compute)"
     if config.mean is not None:
         return config.mean, config.std, "from the recipe"
@@ -180,6 +201,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = {
         "name": args.name, "backbone": args.backbone, "epochs": args.epochs, "batch_size": args.batch_size,
         "num_workers": args.num_workers, "lr": args.lr, "seed": args.seed, "pretrained": args.pretrained,
+        "cache": args.cache,
     }
     config = load_recipe(args.recipe, overrides)
     rank, world_size, device = setup_distributed(args.device)
@@ -201,15 +223,17 @@ def run(args: argparse.Namespace) -> int:
     val_labels = np.array([r.label for r in val_records])
     if len(set(val_labels.tolist())) < 2:
         raise ValueError("the validation split needs both positive and negative images to select a model")
-    mean, std, norm_source = normalization(config, args, splits["train"], spec.input_size, show)
+    caches = prepare_caches(config, root, splits, spec.input_size, args.cache_dir, show)
+    mean, std, norm_source = normalization(config, args, splits["train"], spec.input_size, show, caches.get("train"))
     log.info("data %s: %s; mean %s std %s (%s)", root,
              ", ".join(f"{s} {len(r)}" for s, (r, _) in splits.items()),
              [round(m, 4) for m in mean], [round(s, 4) for s in std], norm_source)
 
-    loader, sampler = train_loader(train_records, train_dir, config, spec.input_size, mean, std, rank, world_size)
+    loader, sampler = train_loader(train_records, train_dir, config, spec.input_size, mean, std, rank, world_size,
+                                   cache=caches.get("train"))
     loaders = {
         split: eval_loader(records, image_dir, spec.input_size, mean, std, config.crop_fraction,
-                           batch_size=config.batch_size * 2, num_workers=config.num_workers)
+                           batch_size=config.batch_size * 2, num_workers=config.num_workers, cache=caches.get(split))
         for split, (records, image_dir) in splits.items()
     }
 
@@ -235,7 +259,8 @@ def run(args: argparse.Namespace) -> int:
     start_epoch, best_auc, best_epoch, stale = 0, -math.inf, 0, 0
     if args.resume:
         state = load_checkpoint(run_dir / "last", model, optimizer)
-        changed = sorted(k for k, v in config.to_dict().items() if k != "epochs" and state["config"].get(k) != v)
+        saved = TrainConfig.defaults() | state["config"]  # keys added since the checkpoint: their defaults
+        changed = sorted(k for k, v in config.to_dict().items() if k != "epochs" and saved.get(k) != v)
         if changed:  # only the epoch budget may change on resume
             raise CheckpointError(f"{run_dir}/last was made with other settings ({changed}); resume with the same recipe and flags")
         scheduler.load_state_dict(state["scheduler"])

@@ -1,0 +1,76 @@
+"""Question 1: does predicting on a big image cost little more than decoding it plus the
+model's own forward pass?
+
+For a 1024 x 1024 8-bit PNG and a 2500 x 3000 16-bit PNG (generated, X-ray-like), per
+model, side by side in one run:
+
+    decode   PIL reads the file (every pixel, no conversion)
+    forward  the model on a ready input tensor [1, 3, S, S] (inference mode)
+    predict  load_upload(file, min_side=predictor.resize_side) + Predictor.predict: checks,
+             reduced decode, 16-bit rescale, resize, crop, normalize, forward, softmax
+    full     the same with load_upload(file) at full size (min_side=None), for comparison
+
+Ratio: predict / (decode + forward); the worst over models and images is printed last.
+
+    python -m benchmarks.inference_latency            # ~1-2 minutes on 2 cores
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from benchmarks import common
+from covidtl.inference import load_upload
+
+IMAGES = {  # name: (width, height, bits)
+    "1024x1024 8-bit PNG": (1024, 1024, 8),
+    "2500x3000 16-bit PNG": (2500, 3000, 16),
+}
+QUICK_IMAGES = {"256x256 8-bit PNG": (256, 256, 8), "300x360 16-bit PNG": (300, 360, 16)}
+LIMIT = 1.2
+
+
+def main(argv: list[str] | None = None) -> float:
+    args = common.parser(__doc__).parse_args(argv)
+    common.setup_threads(args.threads)
+    repeats = args.repeats or (1 if args.quick else 15)
+    scratch = common.workdir(args)
+    models, note = common.predictors(args, scratch)
+    print(note)
+    rows, worst = [], 0.0
+    for label, (width, height, bits) in (QUICK_IMAGES if args.quick else IMAGES).items():
+        path = common.write_xray(scratch / f"{width}x{height}x{bits}.png", width, height, bits)
+        for predictor in models:
+            x = common.ready_input(predictor)
+            side = predictor.resize_side
+            t = common.interleaved(
+                {
+                    "decode": partial(common.decode, path),
+                    "forward": common.bare_forward(predictor, x),
+                    "predict": lambda p=predictor, path=path, side=side: p.predict(load_upload(path, min_side=side)),
+                    "full": lambda p=predictor, path=path: p.predict(load_upload(path)),
+                },
+                repeats,
+            )
+            ratio = t["predict"] / (t["decode"] + t["forward"])
+            worst = max(worst, ratio)
+            rows.append(
+                [
+                    label,
+                    predictor.name,
+                    common.ms(t["decode"]),
+                    common.ms(t["forward"]),
+                    common.ms(t["predict"]),
+                    f"{ratio:5.2f}",
+                    common.ms(t["full"]),
+                    f"{t['full'] / (t['decode'] + t['forward']):5.2f}",
+                ]
+            )
+    print(f"medians of {repeats} interleaved repeats")
+    common.table(["image", "model", "decode", "forward", "predict", "ratio", "full-size predict", "ratio"], rows)
+    print(f"ratio predict / (decode + forward), worst of all: {worst:.2f} (target <= {LIMIT})")
+    return worst
+
+
+if __name__ == "__main__":
+    main()

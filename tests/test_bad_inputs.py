@@ -1,0 +1,235 @@
+"""Every kind of bad upload in `bad_inputs.CASES` gets exactly the outcome its entry
+states (a result, or a message naming what is wrong and what is accepted), from the
+handlers and from the launched app; a good request succeeds after each one; no message
+carries a stack trace; oversized inputs are refused before decoding, in bounded memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import gradio as gr
+import httpx
+import numpy as np
+import pytest
+from bad_inputs import BY_NAME, CASES, NAMES, REFUSED, RESULT, good_xray, write_corpus
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from PIL import Image
+from synthetic_inputs import export_tiny_model, free_port, offline_client
+
+import app
+from covidtl.classes import DISPLAY_NAMES
+from covidtl.inference import MAX_UPLOAD_BYTES, ModelStore
+
+ROOT = Path(__file__).resolve().parents[1]
+LABELS = set(DISPLAY_NAMES.values())
+TRACE_SIGNS = re.compile(r"Traceback|File \"|site-packages|line \d+, in|\.py\b")
+
+
+def assert_no_trace(message: str) -> None:
+    assert not TRACE_SIGNS.search(message), message
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("weights")
+    # 64 px inputs keep each request to tens of milliseconds on one CPU thread.
+    export_tiny_model(folder, "alpha", input_size=64, threshold=0.5, seed=0)
+    export_tiny_model(folder, "beta", architecture="resnet18", input_size=64, threshold=0.5, seed=1)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def store(weights) -> ModelStore:
+    return ModelStore(weights)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict[str, Path]:
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory) -> Path:
+    return good_xray(tmp_path_factory.mktemp("good"))
+
+
+@pytest.fixture(scope="module")
+def served(weights, store):
+    demo = app.build_demo(weights, store=store)
+    _, url, _ = demo.launch(**app.launch_options("127.0.0.1", free_port()), prevent_thread_lock=True, quiet=True)
+    yield url
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(served) -> Client:
+    return offline_client(served)
+
+
+def test_the_corpus_covers_at_least_30_kinds_with_stated_outcomes():
+    assert len(CASES) >= 30 and len(set(NAMES)) == len(NAMES)
+    assert {case.outcome for case in CASES} == {RESULT, REFUSED}
+    for case in CASES:
+        assert (case.outcome == REFUSED) == bool(case.words), case.name
+        assert (case.outcome == RESULT) == (case.size is not None), case.name
+    for required in (
+        "zero_bytes", "truncated_png", "truncated_jpeg", "text_as_png", "html_as_png", "png_bomb_30000",
+        "one_pixel", "strip_5x100000", "png_16_bit", "tiff_16_bit", "tiff_float_with_nan", "cmyk_jpeg",
+        "palette_png_transparency", "animated_gif", "multipage_tiff", "exif_rotated_jpeg", "all_black",
+        "all_white", "dicom_no_pixel_data", "dicom_compressed_no_decoder", "dicom_renamed_png", "over_upload_limit",
+    ):  # fmt: skip
+        assert required in BY_NAME, required
+
+
+# --------------------------------------------------------------------------- handlers
+
+
+def _check_classify_result(outputs, size: tuple[int, int]) -> None:
+    confidences, decision, original, heatmap, timing, _ = outputs
+    assert set(confidences) == LABELS and sum(confidences.values()) == pytest.approx(1.0)
+    assert all(np.isfinite(p) for p in confidences.values())
+    assert "threshold" in decision and "ms" in timing
+    assert original.size == size
+    assert heatmap.shape == (64, 64, 3) and heatmap.dtype == np.uint8
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_handlers_give_the_stated_outcome_then_serve_a_good_request(store, corpus, good, name):
+    case, path = BY_NAME[name], str(corpus[name])
+    if case.outcome == RESULT:
+        _check_classify_result(app.classify(store, path, "alpha", "Grad-CAM", 0.4), case.size)
+        rows, gallery, ensemble = app.compare(store, path, "Grad-CAM")
+        assert [row[0] for row in rows] == ["alpha", "beta"] and len(gallery) == 2 and "Ensemble" in ensemble
+    else:
+        with pytest.raises(gr.Error) as classified:
+            app.classify(store, path, "alpha", "Grad-CAM", 0.4)
+        with pytest.raises(gr.Error) as compared:
+            app.compare(store, path, "Grad-CAM")
+        message = classified.value.message
+        assert re.search(case.words, message), message
+        assert compared.value.message == message
+        assert_no_trace(message)
+    _check_classify_result(app.classify(store, str(good), "beta", "Grad-CAM", 0.4), (128, 128))
+
+
+def test_opacity_outside_0_to_1_is_refused_by_the_handler(store, good):
+    for opacity in (1.5, -0.1, float("nan")):
+        with pytest.raises(gr.Error, match="opacity must be a number from 0 to 1"):
+            app.classify(store, str(good), "alpha", "Grad-CAM", opacity)
+
+
+# --------------------------------------------------------------------------- launched app
+
+CLIENT_CASES = [
+    "zero_bytes",
+    "html_file_name",
+    "truncated_jpeg",
+    "png_bomb_30000",
+    "strip_5x100000",
+    "all_black",
+    "dicom_compressed_no_decoder",
+    "text_named_dcm",
+    "cmyk_jpeg",
+    "exif_rotated_jpeg",
+    "dicom_renamed_png",
+]
+
+
+def _p_covid(label: dict) -> float:
+    return next(c["confidence"] for c in label["confidences"] if c["label"] == "COVID-19")
+
+
+@pytest.mark.parametrize("name", CLIENT_CASES)
+def test_through_the_client_then_the_app_keeps_serving(client, corpus, good, name):
+    case = BY_NAME[name]
+    upload = handle_file(str(corpus[name]))
+    if case.outcome == RESULT:
+        label, decision, original, *_ = client.predict(upload, "alpha", "Grad-CAM", 0.4, api_name="/classify")
+        assert {c["label"] for c in label["confidences"]} == LABELS and "threshold" in decision
+        assert Image.open(original).size == case.size
+    else:
+        with pytest.raises(AppError) as info:
+            client.predict(upload, "alpha", "Grad-CAM", 0.4, api_name="/classify")
+        message = str(info.value)
+        assert_no_trace(message)
+        if name == "html_file_name":
+            # gradio strips the markup from uploaded names; nothing HTML reaches the page.
+            assert "not an image this app can read" in message and "<" not in message
+        else:
+            assert re.search(case.words, message), message
+    label, *_ = client.predict(handle_file(str(good)), "beta", "Grad-CAM", 0.4, api_name="/classify")
+    assert 0.0 <= _p_covid(label) <= 1.0
+
+
+def test_compare_through_the_client_refuses_a_bomb_then_serves(client, corpus, good):
+    with pytest.raises(AppError, match="decompression bomb"):
+        client.predict(handle_file(str(corpus["png_bomb_30000"])), "Grad-CAM", api_name="/compare")
+    table, gallery, _ = client.predict(handle_file(str(good)), "Grad-CAM", api_name="/compare")
+    assert [row[0] for row in table["data"]] == ["alpha", "beta"] and len(gallery) == 2
+
+
+def test_upload_over_the_limit_is_refused_by_the_server_and_the_client(served, client, corpus, good):
+    path = corpus["over_upload_limit"]
+    assert path.stat().st_size == MAX_UPLOAD_BYTES + 1
+    with open(path, "rb") as f:  # straight to the upload route, as a browser or script would
+        response = httpx.post(f"{served}gradio_api/upload", files={"files": (path.name, f)}, timeout=120)
+    assert response.status_code == 413 and f"maximum allowed size of {MAX_UPLOAD_BYTES} bytes" in response.text
+    with pytest.raises(ValueError, match="exceeds the maximum file size"):  # gradio_client checks first
+        client.predict(handle_file(str(path)), "alpha", "Grad-CAM", 0.4, api_name="/classify")
+    label, *_ = client.predict(handle_file(str(good)), "alpha", "Grad-CAM", 0.4, api_name="/classify")
+    assert {c["label"] for c in label["confidences"]} == LABELS
+
+
+# --------------------------------------------------------------------------- memory
+
+MEASURE = textwrap.dedent(
+    """
+    import json, sys
+    from covidtl.inference import BadInputError, load_upload
+
+    def status(key):  # KiB
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+
+    load_upload(sys.argv[1])  # warm up: imports, decoder plugins
+    growth = {}
+    for path in sys.argv[2:]:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets the peak (VmHWM) to the current resident size
+        before = status("VmRSS")
+        try:
+            load_upload(path)
+            refused = False
+        except BadInputError:
+            refused = True
+        growth[path] = {"refused": refused, "peak_growth_mib": (status("VmHWM") - before) / 1024}
+    print(json.dumps(growth))
+    """
+)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to reset peak memory")
+def test_oversized_inputs_are_refused_before_decoding_in_bounded_memory(corpus, good):
+    oversized = [str(corpus[case.name]) for case in CASES if case.oversized]
+    assert len(oversized) >= 8
+    result = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(good), *oversized],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    for path, seen in report.items():
+        # Decoding any of these would take gigabytes (30,000 x 30,000 x 3 bytes is 2.5 GiB).
+        assert seen["refused"] and seen["peak_growth_mib"] < 16, (Path(path).name, seen)

@@ -1,0 +1,110 @@
+"""The speed paths give the same answers: reduced decoding (`load_image(min_side=...)`), the
+table-based 16-bit rescale, and CAMs whose backward pass stops at the hooked layer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from synthetic_inputs import export_tiny_model, xray_like
+from torchvision.transforms import v2
+
+from covidtl import data
+from covidtl.explain import CAM_METHODS, explain
+from covidtl.inference import Predictor, load_upload
+from covidtl.models import create_model, get_spec, list_models
+
+SIDE = 100  # the resize the caller makes; images of 200 px or more on the shorter side get reduced
+
+
+def _view(image: Image.Image, size: int = 90) -> np.ndarray:
+    geometry = v2.Compose(data.eval_geometry(size, 0.9))  # Resize(100), CenterCrop(90)
+    return np.asarray(geometry(image)).astype(np.int16)
+
+
+def _save(pixels: np.ndarray, path, **options):
+    Image.fromarray(pixels).save(path, **options)
+    return path
+
+
+@pytest.fixture
+def big_images(tmp_path):
+    """A 8-bit PNG, a 16-bit PNG (12 bits used, one hot pixel), an RGB JPEG and a colour PNG."""
+    gray = xray_like(520, seed=3)[:, :470]  # 470 x 520: reduced by 2
+    deep = gray.astype(np.uint16) * 16 + 40
+    deep[5, 5] = 4095
+    colour = np.stack([gray, gray // 2, 255 - gray], axis=-1)
+    return {
+        "png8": _save(gray, tmp_path / "a.png"),
+        "png16": _save(deep, tmp_path / "b.png"),
+        "jpeg": _save(np.stack([gray] * 3, axis=-1), tmp_path / "c.jpg", quality=95),
+        "colour": _save(colour, tmp_path / "d.png"),
+    }
+
+
+@pytest.mark.parametrize("kind", ["png8", "png16", "jpeg", "colour"])
+def test_reduced_decode_is_smaller_and_nearly_identical(big_images, kind):
+    path = big_images[kind]
+    full, reduced = data.load_image(path), data.load_image(path, min_side=SIDE)
+    assert reduced.mode == "RGB" and min(reduced.size) >= data.REDUCING_GAP * SIDE
+    assert reduced.width < full.width and reduced.height < full.height
+    difference = np.abs(_view(full) - _view(reduced))
+    assert difference.mean() < 1.0 and difference.max() <= 12, (difference.mean(), difference.max())
+
+
+def test_reduced_decode_leaves_small_images_alone(big_images):
+    for path in big_images.values():
+        full = data.load_image(path)
+        same = data.load_image(path, min_side=max(full.size))  # nothing to gain
+        assert same.size == full.size and np.array_equal(np.asarray(same), np.asarray(full))
+
+
+def test_reduced_16_bit_keeps_the_full_range(tmp_path):
+    # The hot pixel sets the maximum at full size; averaged away by the reduction, it must
+    # still set the scale, or the reduced image would come out brighter.
+    pixels = np.full((400, 400), 1000, dtype=np.uint16)
+    pixels[0, 0], pixels[200:, :] = 4000, 2000
+    path = _save(pixels, tmp_path / "hot.png")
+    reduced = np.asarray(data.load_image(path, min_side=SIDE))[..., 0]
+    assert reduced.shape == (200, 200)
+    assert reduced[50, 50] == 0 and reduced[150, 100] == round(1000 * 255 / 3000)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16])
+def test_table_rescale_matches_the_float_formula(dtype):
+    info = np.iinfo(dtype)
+    values = np.random.default_rng(0).integers(info.min, info.max, (64, 64), endpoint=True).astype(dtype)
+    low, high = float(values.min()), float(values.max())
+    expected = np.round((values.astype(np.float64) - low) * (255.0 / (high - low))).astype(np.uint8)
+    assert np.array_equal(data.rescale_to_uint8(values), expected)
+
+
+def test_load_upload_and_predictor_use_the_reduced_decode(tmp_path, big_images):
+    export_tiny_model(tmp_path, "tiny")
+    predictor = Predictor.from_file(tmp_path / "tiny.safetensors")
+    assert predictor.resize_side == 249
+    image = load_upload(big_images["png8"], min_side=SIDE)
+    assert image.size == (235, 260)
+    x = predictor.preprocess(image)
+    assert x.shape == (1, 3, 224, 224)
+    full = predictor.predict(load_upload(big_images["png8"]))
+    assert abs(predictor.predict(x).p_positive - full.p_positive) < 0.02
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_cam_with_a_short_backward_pass_equals_the_full_one(name, seeded):
+    model = create_model(name).eval()
+    layer = get_spec(name).cam_layer
+    x = torch.randn(1, 3, 64, 64)
+    flags = [p.requires_grad for p in model.parameters()]
+    for method in ("Grad-CAM", "Grad-CAM++"):
+        with torch.enable_grad(), CAM_METHODS[method](model=model, target_layers=[model.get_submodule(layer)]) as cam:
+            expected = cam(input_tensor=x, targets=[ClassifierOutputTarget(1)])[0]
+        model.zero_grad(set_to_none=True)
+        got = explain(model, x, layer, method)
+        assert np.allclose(got, np.clip(expected, 0, 1), atol=1e-6), method
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all(p.grad is None for p in model.parameters())
+    assert all(not m._forward_hooks for m in model.modules())
