@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -117,3 +119,15 @@ def offline_client(url: str) -> Client:
         env.setenv("GRADIO_ANALYTICS_ENABLED", "False")
         env.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
         return Client(url, verbose=False, analytics_enabled=False)
+
+
+@contextmanager
+def launched(demo) -> Iterator[str]:
+    """Serve `demo` (a gr.Blocks of app.py) on 127.0.0.1 at a free port; yield its URL."""
+    import app
+
+    _, url, _ = demo.launch(**app.launch_options("127.0.0.1", free_port()), prevent_thread_lock=True, quiet=True)
+    try:
+        yield url
+    finally:
+        demo.close()

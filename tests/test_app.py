@@ -16,7 +16,16 @@ import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
-from synthetic_inputs import export_tiny_model, free_port, hook_count, make_dicom, offline_client, save_png, xray_like
+from synthetic_inputs import (
+    export_tiny_model,
+    free_port,
+    hook_count,
+    launched,
+    make_dicom,
+    offline_client,
+    save_png,
+    xray_like,
+)
 
 import app
 from covidtl.classes import DISPLAY_NAMES
@@ -106,10 +115,8 @@ def images(tmp_path_factory) -> dict[str, Path]:
 def served(weights, store, tmp_path_factory):
     examples = tmp_path_factory.mktemp("examples")
     save_png(xray_like(64, seed=9), examples / "synthetic-example.png")
-    demo = app.build_demo(weights, examples, store=store)
-    _, url, _ = demo.launch(**app.launch_options("127.0.0.1", free_port()), prevent_thread_lock=True, quiet=True)
-    yield url
-    demo.close()
+    with launched(app.build_demo(weights, examples, store=store)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from bad_inputs import BY_NAME, CASES, NAMES, REFUSED, RESULT, good_xray, write_
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
-from synthetic_inputs import export_tiny_model, free_port, offline_client
+from synthetic_inputs import export_tiny_model, launched, offline_client
 
 import app
 from covidtl.classes import DISPLAY_NAMES
@@ -62,10 +62,8 @@ def good(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def served(weights, store):
-    demo = app.build_demo(weights, store=store)
-    _, url, _ = demo.launch(**app.launch_options("127.0.0.1", free_port()), prevent_thread_lock=True, quiet=True)
-    yield url
-    demo.close()
+    with launched(app.build_demo(weights, store=store)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

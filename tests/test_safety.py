@@ -37,7 +37,7 @@ from bad_inputs import good_xray
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from gradio_client.utils import QueueError
-from synthetic_inputs import export_tiny_model, free_port, offline_client
+from synthetic_inputs import export_tiny_model, free_port, launched, offline_client
 
 import app
 from covidtl import inference
@@ -79,10 +79,8 @@ def booby_trapped(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def served(booby_trapped):
     weights, _ = booby_trapped
-    demo = app.build_demo(weights)
-    _, url, _ = demo.launch(**app.launch_options("127.0.0.1", free_port()), prevent_thread_lock=True, quiet=True)
-    yield url
-    demo.close()
+    with launched(app.build_demo(weights)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
