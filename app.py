@@ -23,10 +23,13 @@ module-level `demo`, and the launch in `__main__`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import html
+import inspect
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -437,10 +440,44 @@ def compare(store: ModelStore, file: str | None, cam_method: str):
     return rows, gallery, agreement_markdown(names, predictions)
 
 
-def _bind(handler: Callable, store: ModelStore) -> Callable:
-    """`handler` with its store filled in; name and docstring kept for the API page."""
-    bound = functools.partial(handler, store)
+class OutputFiles:
+    """Image outputs written as new, uniquely named PNG files.
+
+    Gradio writes an array or PIL output to a content-addressed cache path with a plain
+    write, so two users who get the same image at the same moment can download a
+    half-written file (the load test saw an empty one). File outputs are instead copied
+    into the cache atomically. Our files are needed only until gradio has copied them, so
+    files older than `max_age_s` are removed on each write. The folder is made on first use.
+    """
+
+    def __init__(self, max_age_s: float = 600.0) -> None:
+        self.max_age_s = max_age_s
+        self.folder: Path | None = None
+
+    def png(self, image: Image.Image | np.ndarray) -> str:
+        if self.folder is None:
+            self.folder = Path(tempfile.mkdtemp(prefix="covidtl-outputs-"))
+        cutoff = time.time() - self.max_age_s
+        for old in self.folder.glob("*.png"):
+            with contextlib.suppress(FileNotFoundError):  # another request swept it first
+                if old.stat().st_mtime < cutoff:
+                    old.unlink()
+        fd, path = tempfile.mkstemp(dir=self.folder, suffix=".png")
+        with os.fdopen(fd, "wb") as f:
+            (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(f, format="PNG")
+        return path
+
+
+def _bind(handler: Callable, store: ModelStore, to_files: Callable[[Any], Any]) -> Callable:
+    """`handler` with its store filled in and its images turned into files by `to_files`;
+    name, docstring and signature kept for the API page. Tests call the handlers directly."""
+    partial = functools.partial(handler, store)
+
+    def bound(*args):
+        return to_files(partial(*args))
+
     bound.__name__, bound.__doc__ = handler.__name__, handler.__doc__
+    bound.__signature__ = inspect.signature(partial)
     return bound
 
 
@@ -468,6 +505,7 @@ def build_demo(
     for a turn; the next ones are refused with "queue full"."""
     weights_dir = Path(weights_dir)
     store = store if store is not None else ModelStore(weights_dir)
+    files = OutputFiles()
     names = store.names()
     examples = example_files(HERE / "assets" / "examples", examples_dir)
 
@@ -572,14 +610,19 @@ def build_demo(
         upload.change(lambda f: f, upload, compare_upload, api_visibility="private")
         compare_upload.upload(lambda f: f, compare_upload, upload, api_visibility="private")
         classify_button.click(
-            _bind(classify, store),
+            _bind(classify, store, lambda out: (*out[:2], files.png(out[2]), files.png(out[3]), *out[4:])),
             inputs=[upload, model, method, opacity],
             outputs=[confidences, decision, original, heatmap, timing, cam_state],
             api_name="classify",
         )
-        opacity.release(reblend, inputs=[cam_state, opacity], outputs=heatmap, api_visibility="private")
+        opacity.release(
+            lambda state, alpha: None if (image := reblend(state, alpha)) is None else files.png(image),
+            inputs=[cam_state, opacity],
+            outputs=heatmap,
+            api_visibility="private",
+        )
         compare_button.click(
-            _bind(compare, store),
+            _bind(compare, store, lambda out: (out[0], [(files.png(im), cap) for im, cap in out[1]], out[2])),
             inputs=[compare_upload, compare_method],
             outputs=[table, gallery, ensemble],
             api_name="compare",

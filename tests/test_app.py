@@ -364,3 +364,13 @@ def test_import_and_launch_make_no_outside_connection(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout.strip().splitlines()[-1]) == []
+
+
+def test_output_files_are_unique_and_old_ones_are_swept(tmp_path):
+    files = app.OutputFiles(max_age_s=60)
+    image = xray_like(32)
+    first, second = files.png(np.stack([image] * 3, axis=-1)), files.png(Image.fromarray(image))
+    assert first != second and Image.open(first).size == (32, 32)
+    os.utime(first, (0, 0))  # make it look an hour old: the next write removes it
+    third = files.png(np.stack([image] * 3, axis=-1))
+    assert not Path(first).exists() and Path(second).exists() and Path(third).exists()
