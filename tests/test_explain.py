@@ -99,3 +99,12 @@ def test_overlay_rejects_bad_input():
         overlay(np.zeros((4, 4), dtype=np.uint8), np.zeros((4, 4)))
     with pytest.raises(ValueError, match="alpha"):
         overlay(np.zeros((4, 4, 3), dtype=np.uint8), np.zeros((4, 4)), alpha=1.5)
+
+
+def test_frozen_backbone_still_gets_a_map(seeded):
+    # In "frozen" mode no parameter before the head needs a gradient; the map must not
+    # depend on them (the seed's ResNet18 recipe).
+    model = create_model("resnet18", mode="frozen").eval()
+    heatmap = explain(model, torch.randn(1, 3, 64, 64), get_spec("resnet18").cam_layer)
+    assert heatmap.shape == (64, 64) and np.isfinite(heatmap).all()
+    assert not any(p.requires_grad for n, p in model.named_parameters() if not n.startswith("fc."))
