@@ -49,6 +49,7 @@ import torch
 from PIL import Image
 
 from covidtl.data import Record, eval_geometry, load_image
+from covidtl.export import sha256_file
 
 try:
     import fcntl
@@ -151,14 +152,6 @@ class ImageCache:
                 f"the cache {self.path} holds {self.input_size} px crops at crop fraction {self.crop_fraction}, "
                 f"not {input_size} px at {crop_fraction}; build one for this geometry with ensure_cache"
             )
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _files_fingerprint(records: Sequence[Record], image_dir: Path) -> str:
@@ -324,7 +317,7 @@ def ensure_cache(
         "crop_fraction": crop_fraction,
         "side": side,
         "color": color,
-        "label_file_sha256": _sha256_file(label_file),
+        "label_file_sha256": sha256_file(label_file),
         "files_sha256": _files_fingerprint(records, image_dir),
         "filenames": [r.filename for r in records],
         "labels": [r.label for r in records],
