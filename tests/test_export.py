@@ -302,3 +302,9 @@ def test_atomic_write_bytes_failure_leaves_nothing(tmp_path, monkeypatch):
         export.atomic_write_json(target, {"a": 1})
     assert not target.exists()
     assert list(target.parent.iterdir()) == []
+
+
+def test_exported_files_are_readable_by_others(tmp_path):
+    _, path = _squeezenet_export(tmp_path)
+    for written in (path, path.with_suffix(".json")):
+        assert written.stat().st_mode & 0o777 == 0o644
