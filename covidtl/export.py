@@ -71,6 +71,7 @@ def atomic_save_tensors(tensors: Mapping[str, torch.Tensor], path: Path, metadat
     tmp = _staging_file(path)
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, 0o644)  # save_file recreates the file with mode 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
