@@ -3,6 +3,8 @@ table-based 16-bit rescale, and CAMs whose backward pass stops at the hooked lay
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -70,6 +72,63 @@ def test_reduced_16_bit_keeps_the_full_range(tmp_path):
     reduced = np.asarray(data.load_image(path, min_side=SIDE))[..., 0]
     assert reduced.shape == (200, 200)
     assert reduced[50, 50] == 0 and reduced[150, 100] == round(1000 * 255 / 3000)
+
+
+def _pil_only(monkeypatch):
+    """Make `load_image` decode 16-bit PNGs with PIL, as it does when OpenCV cannot."""
+    monkeypatch.setattr(data, "_opencv_decodes_alike", lambda opened: False)
+
+
+@pytest.mark.parametrize("shape", [(403, 301), (400, 300), (150, 90)])
+@pytest.mark.parametrize("min_side", [None, SIDE, 40])
+def test_16_bit_png_decoded_by_opencv_equals_pil(tmp_path, monkeypatch, shape, min_side):
+    pixels = np.random.default_rng(1).integers(300, 3800, shape, endpoint=True).astype(np.uint16)
+    path = _save(pixels, tmp_path / "deep.png")
+    fast = np.asarray(data.load_image(path, min_side=min_side))
+    stream = np.asarray(data.load_image(io.BytesIO(path.read_bytes()), min_side=min_side))
+    _pil_only(monkeypatch)
+    slow = np.asarray(data.load_image(path, min_side=min_side))
+    assert fast.shape == slow.shape and np.array_equal(fast, slow) and np.array_equal(stream, slow)
+    # and both are the block means of the film, rescaled with the film's own range
+    factor = data._reduction(shape[::-1], min_side)
+    height, width = shape[0] // factor, shape[1] // factor
+    blocks = pixels[: height * factor, : width * factor].reshape(height, factor, width, factor)
+    means = np.round(blocks.mean(axis=(1, 3)))
+    expected = np.round((means - pixels.min()) * 255 / (pixels.max() - pixels.min()))
+    assert fast.shape == (height, width, 3) and np.abs(fast[..., 0] - expected).max() <= 1
+
+
+def test_big_endian_16_bit_images_reduce_like_little_endian():
+    pixels = np.random.default_rng(2).integers(0, 65535, (64, 48), endpoint=True).astype(np.uint16)
+    little = Image.fromarray(pixels)
+    big = Image.frombytes("I;16B", little.size, pixels.astype(">u2").tobytes())
+    for factor in (1, 3):
+        assert np.array_equal(np.asarray(data._to_rgb(big, factor)), np.asarray(data._to_rgb(little, factor)))
+
+
+def test_16_bit_pngs_opencv_would_misread_go_to_pil(tmp_path):
+    pixels = (np.arange(300 * 400).reshape(300, 400) % 4096).astype(np.uint16)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to view
+    rotated = tmp_path / "rotated.png"
+    Image.fromarray(pixels).save(rotated, exif=exif)
+    assert data.load_image(rotated).size == (300, 400)  # upright: EXIF applied by PIL
+
+    encoded = io.BytesIO()
+    Image.fromarray(pixels).save(encoded, format="PNG")
+    raw = encoded.getvalue()
+    idat = raw.index(b"IDAT")
+    corrupt = bytearray(raw)
+    corrupt[idat + 4 + int.from_bytes(raw[idat - 4 : idat], "big")] ^= 0xFF  # IDAT checksum
+    (tmp_path / "crc.png").write_bytes(bytes(corrupt))  # OpenCV refuses it, PIL reads it
+    assert np.array_equal(
+        np.asarray(data.load_image(tmp_path / "crc.png")),
+        np.asarray(data.load_image(_save(pixels, tmp_path / "ok.png"))),
+    )
+
+    (tmp_path / "truncated.png").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(data.UnreadableImageError, match="truncated"):
+        data.load_image(tmp_path / "truncated.png")
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16])
