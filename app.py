@@ -319,7 +319,7 @@ def _predictor(store: ModelStore, model_name: str | None) -> Predictor:
 
 
 def _load(file: str | None, min_side: int | None = None) -> Image.Image:
-    """The upload as RGB; big films are decoded reduced, keeping at least `min_side` pixels
+    """The upload, 8-bit "L" or RGB; big films are decoded reduced, keeping at least `min_side` pixels
     on the shorter side (what the models resize to anyway)."""
     try:
         return load_upload(file, min_side=min_side)

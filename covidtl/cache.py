@@ -202,9 +202,12 @@ def _init_worker(pixels_path: str, image_dir: str, input_size: int, crop_fractio
 def _cache_one(task: tuple[int, str]) -> int:
     """Decode, resize and store one image (in a worker); returns its row."""
     row, filename = task
-    image = _job["resize"](load_image(_job["image_dir"] / filename))
+    gray = _job["color"] == "gray"
+    # A grey film stays one band through the resize: the values of its RGB copy, a third
+    # of the work; a colour image is resized in RGB, then made grey, as before.
+    image = _job["resize"](load_image(_job["image_dir"] / filename, grey=gray))
     image = image.crop(crop_box(image.width, image.height, _job["side"], _job["input_size"]))
-    if _job["color"] == "gray":
+    if gray:
         image = image.convert("L")
     _job["pixels"][row] = np.asarray(image)
     return row

@@ -52,6 +52,7 @@ __all__ = [
     "class_weights",
     "eval_geometry",
     "find_missing",
+    "input_steps",
     "load_image",
     "parse_label_file",
     "patient_split",
@@ -471,11 +472,18 @@ def _opencv_decodes_alike(opened: Image.Image) -> bool:
     )
 
 
-def _to_rgb(image: Image.Image, factor: int = 1) -> Image.Image:
-    """8-bit RGB of `image`, box-reduced by `factor`; may return `image` itself."""
+def _is_grey(mode: str) -> bool:
+    return mode in ("L", "1") or mode in _HIGH_DEPTH or mode.startswith("I;16")
+
+
+def _to_8bit(image: Image.Image, factor: int = 1, grey: bool = False) -> Image.Image:
+    """8-bit RGB of `image`, box-reduced by `factor`, or 8-bit "L" when `grey` and `image`
+    has one band; may return `image` itself."""
     mode = image.mode
+    target = "L" if grey and _is_grey(mode) else "RGB"
     if mode in _HIGH_DEPTH or mode.startswith("I;16"):
-        return _high_depth_to_l(image, factor).convert("RGB")
+        grey_image = _high_depth_to_l(image, factor)
+        return grey_image if target == "L" else grey_image.convert("RGB")
     if mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info:
         # Transparent areas become black, the colour of air on a radiograph.
         rgba = image.convert("RGBA")
@@ -484,10 +492,10 @@ def _to_rgb(image: Image.Image, factor: int = 1) -> Image.Image:
     elif mode in ("L", "RGB"):
         if factor > 1:
             image, factor = image.reduce(factor), 1  # before converting: fewer pixels to convert
-        if image.mode != "RGB":
-            image = image.convert("RGB")
+        if image.mode != target:
+            image = image.convert(target)
     else:
-        image = image.convert("RGB")
+        image = image.convert(target)
     return image.reduce(factor) if factor > 1 else image
 
 
@@ -497,13 +505,16 @@ def _source_name(source: str | Path | IO) -> str:
     return str(getattr(source, "name", "<stream>"))
 
 
-def load_image(path: str | Path | IO, min_side: int | None = None) -> Image.Image:
+def load_image(path: str | Path | IO, min_side: int | None = None, grey: bool = False) -> Image.Image:
     """Open an image file (any PIL mode) as an 8-bit RGB ``PIL.Image``, upright.
 
     EXIF orientation is applied; 16-bit, 32-bit and float images are rescaled min-max to
     0..255; images with transparency are composited on black.
 
     Args:
+        grey: return one-band images (8 to 32-bit and float grey, and 1-bit) as 8-bit "L"
+            instead: the same values, a third of the pixels to resize. Colour and
+            transparent images still come back RGB.
         min_side: the shorter side the caller resizes the image to, if it does. The image
             may then come back smaller than stored, never with a shorter side under
             ``REDUCING_GAP * min_side``: JPEGs decode at 1/2, 1/4 or 1/8 scale (PIL
@@ -521,12 +532,12 @@ def load_image(path: str | Path | IO, min_side: int | None = None) -> Image.Imag
             if _opencv_decodes_alike(opened):
                 image = _decode_uint16_png(opened, scale)
                 if image is not None:
-                    return image.convert("RGB")
+                    return image if grey else image.convert("RGB")
             if opened.format == "JPEG" and scale > 1:  # decoded at 1/2, 1/4 or 1/8 of the size
                 opened.draft(opened.mode, (-(-opened.width // scale), -(-opened.height // scale)))
             opened.load()
             ImageOps.exif_transpose(opened, in_place=True)
-            image = _to_rgb(opened, _reduction(opened.size, min_side))
+            image = _to_8bit(opened, _reduction(opened.size, min_side), grey)
             # Closing the file releases the pixels of `opened`: keep a copy if nothing
             # above made a new image.
             return image.copy() if image is opened else image
@@ -730,12 +741,13 @@ def build_transform(
             steps.append(v2.RandomRotation(rotation))
         if color_jitter:
             steps.append(v2.ColorJitter(brightness=color_jitter, contrast=color_jitter))
-    steps += [
-        v2.ToImage(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(mean=list(mean), std=list(std)),
-    ]
-    return v2.Compose(steps)
+    return v2.Compose(steps + input_steps(mean, std))
+
+
+def input_steps(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform]:
+    """``[ToImage(), ToDtype(float32, scale=True), Normalize(mean, std)]``: the last steps of
+    every transform, from a framed 8-bit ``PIL.Image`` to the model's input tensor."""
+    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
 
 
 class CovidxDataset(torch.utils.data.Dataset):

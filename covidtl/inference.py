@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from torchvision.transforms import v2
 
 from covidtl.classes import CLASSES, POSITIVE
-from covidtl.data import UnreadableImageError, build_transform, eval_geometry, load_image
+from covidtl.data import UnreadableImageError, eval_geometry, input_steps, load_image
 from covidtl.dicom import HEAD_LENGTH, DicomError, is_dicom, read_dicom
 from covidtl.explain import DEFAULT_METHOD, explain
 from covidtl.export import CARD_SUFFIX, CardError, list_exported, load_model, read_card
@@ -104,11 +104,14 @@ def _check_header(path: Path, max_pixels: int) -> None:
 
 
 def _check_not_blank(name: str, image: Image.Image) -> None:
-    extrema = image.getextrema()  # ((min, max) per band)
+    """Refuse an 8-bit "L" or RGB image whose pixels are all one colour."""
+    extrema = image.getextrema()  # (min, max) for one band, ((min, max), ...) for several
+    if image.mode == "L":
+        extrema = (extrema,) * 3  # reported as the RGB colour it stands for
     if all(low == high for low, high in extrema):
         value = tuple(low for low, _ in extrema)
         raise BadInputError(
-            f"{name} is blank: every pixel is {value} after conversion to 8-bit RGB, so there is nothing to "
+            f"{name} is blank: every pixel is {value} after conversion to 8 bits, so there is nothing to "
             f"classify; upload the X-ray itself ({ACCEPTED})"
         )
 
@@ -119,7 +122,8 @@ def load_upload(
     max_pixels: int = MAX_PIXELS,
     min_side: int | None = None,
 ) -> Image.Image:
-    """Read an uploaded file as an 8-bit RGB image.
+    """Read an uploaded file as an 8-bit image: "L" for a grey image file (8 or 16-bit),
+    RGB for colour images and DICOM. `Predictor` takes either.
 
     DICOM is recognised by its ``DICM`` signature or a ``.dcm``/``.dicom`` name; anything
     else is opened as an image (PNG, JPEG, BMP, TIFF, 8 or 16 bit). Sizes are checked from
@@ -162,7 +166,7 @@ def load_upload(
     else:
         _check_header(path, max_pixels)
         try:
-            image = load_image(path, min_side=min_side)
+            image = load_image(path, min_side=min_side, grey=True)
         except UnreadableImageError as err:
             raise _decoder_failure(path, err.__cause__ or err) from err
         except Exception as err:  # see _check_header
@@ -177,6 +181,10 @@ def load_upload(
 
 def _rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")  # convert() would copy an RGB image
+
+
+def _l_or_rgb(image: Image.Image) -> Image.Image:
+    return image if image.mode == "L" else _rgb(image)
 
 
 @dataclass(frozen=True)
@@ -213,10 +221,13 @@ class Predictor:
         self.crop_fraction = float(card.get("crop_fraction", DEFAULT_CROP_FRACTION))
         self.mean = tuple(float(m) for m in card["mean"])
         self.std = tuple(float(s) for s in card["std"])
-        self.transform = build_transform(
-            self.input_size, self.mean, self.std, train=False, crop_fraction=self.crop_fraction
-        )
+        # The eval transform of training (covidtl.data.build_transform), in two parts: the
+        # framing of the 8-bit image, then the tensor. An "L" image is framed in its one
+        # band and repeated into three only as a tensor: the numbers of its RGB copy, for
+        # a third of the resizing.
         self._view = v2.Compose(eval_geometry(self.input_size, self.crop_fraction))
+        to_image, to_float, self._normalize = input_steps(self.mean, self.std)
+        self._to_float = v2.Compose([to_image, to_float])
         # The resize before the crop: images need no more than this shorter side (see load_upload).
         self.resize_side = round(self.input_size / self.crop_fraction)
         self.lock = threading.Lock()
@@ -233,12 +244,14 @@ class Predictor:
         return (self.input_size, self.crop_fraction, self.mean, self.std)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """RGB image -> normalized float32 tensor [1, 3, S, S] on the model's device."""
-        return self.transform(_rgb(image)).unsqueeze(0).to(self.device)
+        """8-bit "L" or RGB image (others are converted to RGB) -> normalized float32
+        tensor [1, 3, S, S] on the model's device."""
+        x = self._to_float(self._view(_l_or_rgb(image)))
+        return self._normalize(x.expand(3, -1, -1)).unsqueeze(0).to(self.device)
 
     def view(self, image: Image.Image) -> np.ndarray:
         """The part of `image` the model sees (resized, center-cropped), uint8 [S, S, 3]."""
-        return np.asarray(self._view(_rgb(image)))
+        return np.asarray(_rgb(self._view(_l_or_rgb(image))))
 
     def predict(self, image: Image.Image | torch.Tensor) -> Prediction:
         """Classify an RGB image, or a tensor from `preprocess` of an equal-geometry model."""

@@ -103,7 +103,7 @@ def test_big_endian_16_bit_images_reduce_like_little_endian():
     little = Image.fromarray(pixels)
     big = Image.frombytes("I;16B", little.size, pixels.astype(">u2").tobytes())
     for factor in (1, 3):
-        assert np.array_equal(np.asarray(data._to_rgb(big, factor)), np.asarray(data._to_rgb(little, factor)))
+        assert np.array_equal(np.asarray(data._to_8bit(big, factor)), np.asarray(data._to_8bit(little, factor)))
 
 
 def test_16_bit_pngs_opencv_would_misread_go_to_pil(tmp_path):
@@ -150,6 +150,22 @@ def test_load_upload_and_predictor_use_the_reduced_decode(tmp_path, big_images):
     assert x.shape == (1, 3, 224, 224)
     full = predictor.predict(load_upload(big_images["png8"]))
     assert abs(predictor.predict(x).p_positive - full.p_positive) < 0.02
+
+
+@pytest.mark.parametrize("mean, std", [((0.5,) * 3, (0.5,) * 3), ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+def test_grey_uploads_give_the_training_transform_exactly(tmp_path, big_images, mean, std):
+    # Uploads of grey films stay "L"; the predictor frames them in one band. The input
+    # must be the very tensor the training's eval transform makes from the RGB copy.
+    export_tiny_model(tmp_path, "tiny", mean=list(mean), std=list(std))
+    predictor = Predictor.from_file(tmp_path / "tiny.safetensors")
+    for kind in ("png8", "png16"):
+        grey = load_upload(big_images[kind], min_side=SIDE)
+        assert grey.mode == "L"
+        rgb = grey.convert("RGB")
+        expected = data.build_transform(224, mean, std, train=False, crop_fraction=0.9)(rgb).unsqueeze(0)
+        assert torch.equal(predictor.preprocess(grey), expected) and torch.equal(predictor.preprocess(rgb), expected)
+        assert np.array_equal(predictor.view(grey), predictor.view(rgb))
+    assert load_upload(big_images["colour"], min_side=SIDE).mode == "RGB"
 
 
 @pytest.mark.parametrize("name", list_models())
