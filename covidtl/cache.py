@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from covidtl.data import Record, eval_geometry, load_image
+from covidtl.data import Record, UnreadableImageError, corrupt_images_error, eval_geometry, load_image
 from covidtl.export import sha256_file
 
 try:
@@ -199,18 +199,23 @@ def _init_worker(pixels_path: str, image_dir: str, input_size: int, crop_fractio
     )
 
 
-def _cache_one(task: tuple[int, str]) -> int:
-    """Decode, resize and store one image (in a worker); returns its row."""
+def _cache_one(task: tuple[int, str]) -> tuple[int, str | None]:
+    """Decode, resize and store one image (in a worker): (its row, None), or (its row, why
+    it does not decode)."""
     row, filename = task
     gray = _job["color"] == "gray"
-    # A grey film stays one band through the resize: the values of its RGB copy, a third
-    # of the work; a colour image is resized in RGB, then made grey, as before.
-    image = _job["resize"](load_image(_job["image_dir"] / filename, grey=gray))
+    try:
+        # A grey film stays one band through the resize: the values of its RGB copy, a
+        # third of the work; a colour image is resized in RGB, then made grey.
+        image = _job["resize"](load_image(_job["image_dir"] / filename, grey=gray))
+    except UnreadableImageError as error:
+        cause = error.__cause__ or error
+        return row, f"{type(cause).__name__}: {cause}"
     image = image.crop(crop_box(image.width, image.height, _job["side"], _job["input_size"]))
     if gray:
         image = image.convert("L")
     _job["pixels"][row] = np.asarray(image)
-    return row
+    return row, None
 
 
 class _Counted:
@@ -224,6 +229,14 @@ class _Counted:
 
     def __len__(self) -> int:
         return self.length
+
+
+def _failures(
+    results: Iterator[tuple[int, str | None]], records: Sequence[Record], progress: Progress
+) -> dict[str, str]:
+    """Consume `_cache_one` results (through `progress`): file name -> reason, for failures."""
+    counted = _Counted(results, len(records))
+    return {records[row].filename: reason for row, reason in (progress(counted) if progress else counted) if reason}
 
 
 def _build(
@@ -250,16 +263,16 @@ def _build(
         if num_workers > 0:
             with ProcessPoolExecutor(num_workers, initializer=_init_worker, initargs=setup) as pool:
                 done = pool.map(_cache_one, tasks, chunksize=max(1, min(64, len(tasks) // (8 * num_workers))))
-                for _ in progress(_Counted(done, len(tasks))) if progress else done:
-                    pass
+                bad = _failures(done, records, progress)
         else:
             _init_worker(*setup)
             try:
-                for task in progress(_Counted(iter(tasks), len(tasks))) if progress else tasks:
-                    _cache_one(task)
+                bad = _failures(map(_cache_one, tasks), records, progress)
                 _job["pixels"].flush()
             finally:
                 _job.clear()
+        if bad:  # every image was tried, so the error names all of them
+            raise corrupt_images_error(bad, len(records), image_dir)
         (staging / _INDEX).write_text(json.dumps(index), encoding="utf-8")
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(staging, folder)
@@ -305,7 +318,9 @@ def ensure_cache(
     Raises:
         ValueError: unknown ``color`` or a bad geometry.
         FileNotFoundError: an image or the label file is missing.
-        covidtl.data.UnreadableImageError: an image does not decode (nothing is published).
+        covidtl.data.CorruptImagesError: images that do not decode, all of them in its
+            ``reasons`` (nothing is published); drop them (``covidtl.data.skip_corrupt``)
+            and call again.
     """
     if color not in COLORS:
         raise ValueError(f"unknown cache color {color!r}; choose from {list(COLORS)}")

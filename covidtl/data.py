@@ -50,6 +50,7 @@ __all__ = [
     "build_transform",
     "check_images",
     "class_weights",
+    "corrupt_images_error",
     "eval_geometry",
     "find_missing",
     "input_steps",
@@ -58,6 +59,7 @@ __all__ = [
     "patient_split",
     "resolve_dataset_root",
     "scan_images",
+    "skip_corrupt",
     "split_paths",
     "write_label_file",
 ]
@@ -352,7 +354,11 @@ class MissingImagesError(FileNotFoundError):
 
 
 class CorruptImagesError(ValueError):
-    """Images that exist but cannot be decoded."""
+    """Images that exist but cannot be decoded; `reasons` maps each file name to why."""
+
+    def __init__(self, message: str, reasons: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.reasons = dict(reasons or {})
 
 
 def _rescale(values: np.ndarray, low: float, high: float) -> np.ndarray:
@@ -639,13 +645,29 @@ def scan_images(
             bad[record.filename] = reason
     if not bad:
         return list(records)
-    first = "; ".join(f"{name} ({reason})" for name, reason in list(bad.items())[:5])
     if on_corrupt == "error":
-        raise CorruptImagesError(
-            f"{len(bad)} of {len(records)} images in {image_dir} cannot be decoded "
-            f"(first: {first}); replace them, or drop them with --on-corrupt skip"
-        )
-    logger.warning("skipping %d of %d undecodable images in %s (first: %s)", len(bad), len(records), image_dir, first)
+        raise corrupt_images_error(bad, len(records), image_dir)
+    return skip_corrupt(records, bad, image_dir)
+
+
+def _first_reasons(bad: dict[str, str]) -> str:
+    return "; ".join(f"{name} ({reason})" for name, reason in list(bad.items())[:5])
+
+
+def corrupt_images_error(bad: dict[str, str], total: int, image_dir: Path) -> CorruptImagesError:
+    """The error for `bad` (file name -> reason) among `total` images in `image_dir`."""
+    return CorruptImagesError(
+        f"{len(bad)} of {total} images in {image_dir} cannot be decoded "
+        f"(first: {_first_reasons(bad)}); replace them, or drop them with --on-corrupt skip",
+        bad,
+    )
+
+
+def skip_corrupt(records: Sequence[Record], bad: dict[str, str], image_dir: Path) -> list[Record]:
+    """`records` without those whose file is in `bad` (file name -> reason), with a warning."""
+    logger.warning(
+        "skipping %d of %d undecodable images in %s (first: %s)", len(bad), len(records), image_dir, _first_reasons(bad)
+    )
     return [r for r in records if r.filename not in bad]
 
 

@@ -83,6 +83,22 @@ def test_cache_is_built_with_progress_then_reused(tiny_covidx, tmp_path):
     assert again == cache
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_undecodable_images_are_all_named_and_nothing_is_published(tiny_covidx, tmp_path, num_workers):
+    records, image_dir, label_file = _split(tiny_covidx)
+    damaged = [records[2].filename, records[7].filename]
+    (image_dir / damaged[0]).write_bytes(b"not an image at all")
+    (image_dir / damaged[1]).write_bytes((image_dir / damaged[1]).read_bytes()[:120])  # truncated
+    with pytest.raises(data.CorruptImagesError, match="2 of 12 images .* --on-corrupt skip") as caught:
+        ensure_cache(records, image_dir, label_file, tmp_path / "cache", SIZE, num_workers=num_workers)
+    assert sorted(caught.value.reasons) == sorted(damaged)
+    assert not any((tmp_path / "cache").glob("*/index.json"))  # no cache, no staging left behind
+    assert [p.name for p in (tmp_path / "cache").iterdir() if p.is_dir()] == []
+    kept = data.skip_corrupt(records, caught.value.reasons, image_dir)
+    cache = ensure_cache(kept, image_dir, label_file, tmp_path / "cache", SIZE, num_workers=num_workers)
+    assert list(cache.filenames) == [r.filename for r in records if r.filename not in damaged]
+
+
 def test_cache_is_rebuilt_when_label_file_records_or_images_change(tiny_covidx, tmp_path):
     records, image_dir, label_file = _split(tiny_covidx)
     progress = Counting()

@@ -77,8 +77,9 @@ def test_a_corrupt_image_is_fatal_by_default_with_one_line_naming_it(tiny_covidx
             MIDDLE,
             marks=pytest.mark.xfail(
                 strict=True,
-                reason="covidtl.data._probe_image checks only the chunk CRCs of a PNG (verify()), so a PNG "
-                "with intact CRCs but undecodable pixel data passes the scan and stops training mid-epoch",
+                reason="without the image cache (this recipe's cache = none), covidtl.data._probe_image checks "
+                "only the chunk CRCs of a PNG (verify()), so a PNG with intact CRCs but undecodable pixel data "
+                "passes the scan and stops training mid-epoch; the cache build finds it (test below)",
             ),
         ),
     ],
@@ -94,6 +95,29 @@ def test_a_corrupt_image_is_skipped_by_choice_and_named(tiny_covidx, tmp_path, c
     card = json.loads((tmp_path / "weights" / "tiny.json").read_text())
     assert card["data"]["splits"]["train"]["n"] == 11  # one fewer than the label file lists
     assert card["data"]["splits"]["val"]["n"] == 6 and card["data"]["splits"]["test"]["n"] == 6
+
+
+@pytest.mark.parametrize("on_corrupt", ["error", "skip"])
+def test_with_the_image_cache_damaged_png_pixels_are_found_before_training(
+    tiny_covidx, tmp_path, caplog, capsys, on_corrupt
+):
+    # The cache build decodes every image, so it finds what the quick scan cannot.
+    _undecodable_pixels(tiny_covidx / "train" / MIDDLE)
+    recipe = write_recipe(tmp_path, epochs=1, cache="gray")
+    args = cli_args(recipe, tiny_covidx, tmp_path, "--on-corrupt", on_corrupt, "--cache-dir", str(tmp_path / "cache"))
+    with caplog.at_level(logging.WARNING):
+        code = train_main(args)
+    if on_corrupt == "error":
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert code == 2 and error.startswith("error: 1 of 12 images") and f"{MIDDLE} (" in error, error
+        assert "--on-corrupt skip" in error
+        assert not (tmp_path / "runs" / "tiny").exists() and not (tmp_path / "weights").exists()
+        return
+    assert code == 0
+    skipped = [r.getMessage() for r in caplog.records if "undecodable" in r.getMessage()]
+    assert len(skipped) == 1 and "1 of 12" in skipped[0] and MIDDLE in skipped[0], skipped
+    card = json.loads((tmp_path / "weights" / "tiny.json").read_text())
+    assert card["data"]["splits"]["train"]["n"] == 11
 
 
 def test_sigkill_then_resume_loses_at_most_the_epoch_in_progress(tiny_covidx, tmp_path):

@@ -14,6 +14,7 @@ import random
 import sys
 import time
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,7 @@ from covidtl.data import (
     parse_label_file,
     resolve_dataset_root,
     scan_images,
+    skip_corrupt,
     split_paths,
 )
 from covidtl.engine import predict_scores, train_one_epoch
@@ -141,17 +143,29 @@ def load_splits(root: Path, on_missing: str, on_corrupt: str) -> dict[str, tuple
 
 
 def prepare_caches(config: TrainConfig, root: Path, splits, input_size: int, cache_dir: Path | None,
-                   show: bool) -> dict[str, ImageCache]:
-    """{split: image cache} when the recipe asks for one: built on the first run, reused after
-    (rebuilt when a label file or an image changes). Concurrent ranks build each one once."""
+                   on_corrupt: str, show: bool) -> tuple[dict, dict[str, ImageCache]]:
+    """(splits, {split: image cache}) when the recipe asks for a cache: built on the first run,
+    reused after (rebuilt when a label file or an image changes); concurrent ranks build each
+    one once. The build decodes every image, so it finds what the quick scan cannot (a PNG
+    whose pixel data is damaged under intact checksums): with `on_corrupt` "skip" those
+    records leave the split and the cache is built without them."""
     if config.cache == "none":
-        return {}
-    caches = {}
+        return splits, {}
+    splits, caches = dict(splits), {}
     for split, (records, image_dir) in splits.items():
+        label_file = split_paths(root, split)[0]
         bar = lambda it, split=split: tqdm(it, desc=f"caching {split}", leave=False, disable=not show)
-        caches[split] = ensure_cache(records, image_dir, split_paths(root, split)[0], cache_dir, input_size,
-                                     config.crop_fraction, config.cache, progress=bar)
-    return caches
+        build = partial(ensure_cache, image_dir=image_dir, label_file=label_file, cache_dir=cache_dir,
+                        input_size=input_size, crop_fraction=config.crop_fraction, color=config.cache, progress=bar)
+        try:
+            caches[split] = build(records)
+        except CorruptImagesError as err:
+            if on_corrupt != "skip":
+                raise
+            records = skip_corrupt(records, err.reasons, image_dir)
+            splits[split] = (records, image_dir)
+            caches[split] = build(records)
+    return splits, caches
 
 
 def normalization(config: TrainConfig, args: argparse.Namespace, train_split, input_size: int, show: bool,
@@ -219,11 +233,11 @@ def run(args: argparse.Namespace) -> int:
 
     root = resolve_dataset_root(args.data, handle=args.kaggle_handle, version=args.kaggle_version)
     splits = load_splits(root, args.on_missing, args.on_corrupt)
+    splits, caches = prepare_caches(config, root, splits, spec.input_size, args.cache_dir, args.on_corrupt, show)
     (train_records, train_dir), val_records = splits["train"], splits["val"][0]
     val_labels = np.array([r.label for r in val_records])
     if len(set(val_labels.tolist())) < 2:
         raise ValueError("the validation split needs both positive and negative images to select a model")
-    caches = prepare_caches(config, root, splits, spec.input_size, args.cache_dir, show)
     mean, std, norm_source = normalization(config, args, splits["train"], spec.input_size, show, caches.get("train"))
     log.info("data %s: %s; mean %s std %s (%s)", root,
              ", ".join(f"{s} {len(r)}" for s, (r, _) in splits.items()),
