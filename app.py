@@ -39,7 +39,8 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from covidtl.classes import CLASSES, DISPLAY_NAMES, POSITIVE
+from covidtl.cards import card_markdown, card_plots
+from covidtl.classes import CLASSES, DISPLAY_NAMES, POSITIVE_NAME
 from covidtl.data import IMAGE_EXTENSIONS
 from covidtl.explain import CAM_METHODS, DEFAULT_METHOD, overlay
 from covidtl.inference import (
@@ -60,22 +61,12 @@ CONCURRENCY_LIMIT = 2  # simultaneous requests per event; each one uses every CP
 DISPLAY_MAX_SIDE = 1024  # the original is shown downscaled to this
 COMPARE_OPACITY = 0.4
 
-POSITIVE_NAME = DISPLAY_NAMES[CLASSES[POSITIVE]]
 DISCLAIMER = (
     "**Research demonstration only.** COVID-TL is not a medical device and must not be used "
     "for diagnosis, triage or any clinical decision. Its models were trained on small public "
     "datasets with known shortcuts and have not been validated on any hospital's images."
 )
 TRAIN_COMMAND = "python -m train --recipe train/recipes/<name>.toml --data DIR"
-METRIC_NAMES = {
-    "auc": "ROC AUC",
-    "sensitivity": "Sensitivity",
-    "specificity": "Specificity",
-    "ppv": "PPV (precision)",
-    "npv": "NPV",
-    "accuracy": "Accuracy",
-    "f1": "F1",
-}
 ABOUT = f"""
 ### What this is
 COVID-TL fine-tunes ImageNet CNNs (ResNet, DenseNet, EfficientNet, MobileNet, SqueezeNet) to
@@ -163,139 +154,6 @@ def agreement_markdown(names: list[str], predictions: list[Prediction]) -> str:
         f"**Ensemble (unweighted mean) P({POSITIVE_NAME}) = {mean:.3f}.** {agreement} "
         "The mean has no validated threshold of its own; it is shown for orientation only."
     )
-
-
-def _num(value: Any, digits: int = 3) -> str:
-    return "n/a" if not isinstance(value, (int, float)) else f"{value:.{digits}f}"
-
-
-def _cell(value: Any) -> str:
-    text = value if isinstance(value, str) else ("" if value is None else str(value))
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def _metric_cell(metric: dict | None) -> str:
-    if not isinstance(metric, dict):
-        return "n/a"
-    low, high = metric.get("ci_low"), metric.get("ci_high")
-    interval = f" ({_num(low)} to {_num(high)})" if low is not None and high is not None else ""
-    return f"{_num(metric.get('value'))}{interval}"
-
-
-def _report_markdown(split: str, report: dict) -> list[str]:
-    overall = report.get("overall") or {}
-    lines = [
-        f"#### {split} split: {report.get('n', '?')} images, {report.get('n_positive', '?')} {POSITIVE_NAME}",
-        "| metric | value (95 % interval) |",
-        "|---|---|",
-    ]
-    lines += [
-        f"| {label} | {_metric_cell(overall.get(key))} |" for key, label in METRIC_NAMES.items() if key in overall
-    ]
-    confusion = report.get("confusion")
-    if isinstance(confusion, dict):
-        lines.append(
-            "\nAt the threshold: " + ", ".join(f"{k.upper()} {confusion.get(k, '?')}" for k in ("tp", "fp", "tn", "fn"))
-        )
-    per_source = report.get("per_source") or {}
-    if per_source:
-        keys = [
-            k
-            for k in ("sensitivity", "specificity", "auc")
-            if any(k in (s.get("metrics") or {}) for s in per_source.values())
-        ]
-        lines += [
-            "\nPer source (a model that scores well on one source only may have learned the source):\n",
-            "| source | images | positive | " + " | ".join(METRIC_NAMES[k] for k in keys) + " |",
-            "|---|---|---|" + "---|" * len(keys),
-        ]
-        for source, entry in per_source.items():
-            metrics = entry.get("metrics") or {}
-            cells = [_metric_cell(metrics.get(k)) for k in keys]
-            lines.append(
-                f"| {_cell(source)} | {entry.get('n', '?')} | {entry.get('n_positive', '?')} | "
-                + " | ".join(cells)
-                + " |"
-            )
-    return lines
-
-
-def _data_markdown(data: dict) -> list[str]:
-    lines = ["#### Training data"]
-    for key in ("name", "root", "kaggle_handle", "kaggle_version"):
-        if data.get(key) is not None:
-            lines.append(f"- {key.replace('_', ' ')}: `{_cell(data[key])}`")
-    splits = data.get("splits") or {}
-    if splits:
-        lines += ["\n| split | images | positive | per source |", "|---|---|---|---|"]
-        for split, summary in splits.items():
-            per_source = summary.get("per_source") or {}
-            sources = "; ".join(
-                f"{_cell(s)}: " + ", ".join(f"{n} {_cell(label)}" for label, n in counts.items())
-                for s, counts in per_source.items()
-            )
-            lines.append(f"| {_cell(split)} | {summary.get('n', '?')} | {summary.get('n_positive', '?')} | {sources} |")
-    sources = data.get("sources") or {}
-    if sources:
-        columns = sorted({k for info in sources.values() if isinstance(info, dict) for k in info})
-        lines += [
-            "\n| source | " + " | ".join(columns) + " |",
-            "|---|" + "---|" * len(columns),
-        ]
-        for source, info in sources.items():
-            info = info if isinstance(info, dict) else {}
-            lines.append(f"| {_cell(source)} | " + " | ".join(_cell(info.get(c)) for c in columns) + " |")
-    return lines
-
-
-def card_markdown(card: dict) -> str:
-    """A model card for humans: threshold and its rule, metrics with 95 % intervals,
-    per-source results, provenance, intended use and limitations. Absent parts are skipped."""
-    lines = [f"### {_cell(card.get('name', '?'))}"]
-    facts = [f"architecture `{_cell(card.get('architecture', '?'))}`", f"input {card.get('input_size', '?')} px"]
-    for key, label in (("initialisation", "initialisation"), ("best_epoch", "best epoch"), ("created", "created")):
-        if card.get(key) is not None:
-            facts.append(f"{label} {_cell(card[key])}")
-    lines.append("; ".join(facts) + ".")
-    lines.append(
-        f"\n**Operating threshold:** flags {POSITIVE_NAME} when P({POSITIVE_NAME}) ≥ {_num(card.get('threshold'))}."
-    )
-    if card.get("threshold_rule"):
-        lines.append(f"Chosen by: {_cell(card['threshold_rule'])}.")
-    if card.get("intended_use"):
-        lines.append(f"\n**Intended use:** {_cell(card['intended_use'])}")
-    limitations = card.get("limitations") or []
-    if limitations:
-        lines.append("\n**Limitations**\n")
-        lines += [f"- {_cell(item)}" for item in limitations]
-
-    metrics = card.get("metrics") or {}
-    if not metrics:
-        lines.append("\n_This card has no evaluation results: the model's performance is unknown._")
-    for split in sorted(metrics, key=lambda s: (s != "test", s)):
-        if isinstance(metrics[split], dict):
-            lines.append("")
-            lines += _report_markdown(split, metrics[split])
-    if isinstance(card.get("data"), dict):
-        lines.append("")
-        lines += _data_markdown(card["data"])
-    if card.get("command"):
-        lines.append(f"\nTrained with `{_cell(card['command'])}`.")
-    return "\n".join(lines)
-
-
-def card_plots(card: dict, weights_dir: Path) -> list[tuple[Image.Image, str]]:
-    """The card's PNG plots that exist inside `weights_dir`, with captions."""
-    plots = card.get("plots") or {}
-    images = []
-    root = weights_dir.resolve()
-    for caption, filename in plots.items() if isinstance(plots, dict) else ():
-        path = (weights_dir / str(filename)).resolve()
-        if path.parent != root or not path.is_file():  # only files beside the card
-            continue
-        with Image.open(path) as image:
-            images.append((image.convert("RGB"), caption.replace("_", " ")))
-    return images
 
 
 # --------------------------------------------------------------------------- handlers

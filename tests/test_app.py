@@ -28,6 +28,7 @@ from synthetic_inputs import (
 )
 
 import app
+from covidtl import cards
 from covidtl.classes import DISPLAY_NAMES
 from covidtl.inference import ModelStore, Prediction, load_upload
 
@@ -181,7 +182,7 @@ def test_bad_choices_raise_gr_error(store, images):
 
 
 def test_card_markdown_renders_metrics_sources_and_provenance(store):
-    text = app.card_markdown(store.cards["always"])
+    text = cards.card_markdown(store.cards["always"])
     for expected in (
         "0.910 (0.830 to 0.970)",  # value and 95 % interval
         "| Specificity | 0.880 |",  # no interval: value alone
@@ -196,15 +197,15 @@ def test_card_markdown_renders_metrics_sources_and_provenance(store):
     ):
         assert expected in text, expected
     assert text.index("#### test split") < text.index("#### val split")
-    minimal = app.card_markdown(store.cards["never"])
+    minimal = cards.card_markdown(store.cards["never"])
     assert "no evaluation results" in minimal and "1.010" in minimal
 
 
 def test_card_plots_stay_inside_the_weights_folder(store, weights):
     (weights.parent / "outside.png").write_bytes((weights / "always.test.roc.png").read_bytes())
-    plots = app.card_plots(store.cards["always"], weights)
+    plots = cards.card_plots(store.cards["always"], weights)
     assert [caption for _, caption in plots] == ["test roc"]
-    assert app.card_plots(store.cards["never"], weights) == []
+    assert cards.card_plots(store.cards["never"], weights) == []
 
 
 def test_empty_weights_folder_explains_how_to_get_models(tmp_path, images):
