@@ -95,8 +95,7 @@ def main(argv: list[str] | None = None) -> tuple[float, float]:
     p = common.parser(__doc__)
     p.add_argument("--timeout", type=float, default=120.0, help="give up on a start after this many seconds")
     args = p.parse_args(argv)
-    repeats = args.repeats or (1 if args.quick else 3)
-    scratch = common.workdir(args)
+    repeats, scratch = common.start(args, 3, threads=False)  # the app sets its own
     folder, note = common.model_folder(args, scratch)
     print(note)
     image = common.write_xray(scratch / "1024x1024x8.png", 1024, 1024)

@@ -59,6 +59,14 @@ def setup_threads(threads: int) -> None:
     print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} intra-op threads")
 
 
+def start(args: argparse.Namespace, repeats: int, threads: bool = True) -> tuple[int, Path]:
+    """Set torch's threads (unless `threads` is False) and say so; return (timed repeats:
+    --repeats, else 1 with --quick, else `repeats`; the folder for generated files)."""
+    if threads:
+        setup_threads(args.threads)
+    return args.repeats or (1 if args.quick else repeats), workdir(args)
+
+
 # --------------------------------------------------------------------------- timing
 
 

@@ -25,9 +25,7 @@ SIZE, QUICK_SIZE = 1024, 256
 
 def main(argv: list[str] | None = None) -> float:
     args = common.parser(__doc__).parse_args(argv)
-    common.setup_threads(args.threads)
-    repeats = args.repeats or (1 if args.quick else 10)
-    scratch = common.workdir(args)
+    repeats, scratch = common.start(args, 10)
     folder, note = common.model_folder(args, scratch)
     print(note)
     os.environ["COVIDTL_WEIGHTS"] = str(folder)  # the app builds its page at import

@@ -32,9 +32,7 @@ LIMIT = 1.2
 
 def main(argv: list[str] | None = None) -> float:
     args = common.parser(__doc__).parse_args(argv)
-    common.setup_threads(args.threads)
-    repeats = args.repeats or (1 if args.quick else 15)
-    scratch = common.workdir(args)
+    repeats, scratch = common.start(args, 15)
     models, note = common.predictors(args, scratch)
     print(note)
     rows, worst = [], 0.0

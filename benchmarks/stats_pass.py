@@ -47,10 +47,8 @@ def main(argv: list[str] | None = None) -> float:
     p = common.parser(__doc__)
     p.add_argument("--images", type=int, help="films to generate (default 256)")
     args = p.parse_args(argv)
-    common.setup_threads(args.threads)
-    repeats = args.repeats or (1 if args.quick else 3)
+    repeats, scratch = common.start(args, 3)
     n = args.images or (16 if args.quick else 256)
-    scratch = common.workdir(args)
     records = make_films(scratch / "films", n, args.quick)
     image_dir, label_file = scratch / "films", scratch / "films.txt"
     cache, built, how = common.timed_cache(records, image_dir, label_file, scratch / "cache")

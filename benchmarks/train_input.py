@@ -69,10 +69,8 @@ def main(argv: list[str] | None = None) -> float:
     p.add_argument("--num-workers", type=int, default=2, help="loader workers, the same for both (default 2)")
     p.add_argument("--batch-size", type=int, default=32)
     args = p.parse_args(argv)
-    common.setup_threads(args.threads)
-    repeats = args.repeats or (1 if args.quick else 3)
+    repeats, scratch = common.start(args, 3)
     n = args.images or (16 if args.quick else 256)
-    scratch = common.workdir(args)
     records = make_films(scratch / "films", n, args.quick)
     image_dir, label_file = scratch / "films", scratch / "films.txt"
     config = TrainConfig(name="bench", backbone="resnet18", batch_size=args.batch_size, num_workers=args.num_workers)
