@@ -434,8 +434,8 @@ def _uint16_to_l(values: np.ndarray, factor: int) -> Image.Image:
     if factor > 1:
         # Means of factor x factor blocks, rounded; a last partial row or column of blocks
         # (under `factor` pixels of an image shrunk at least 2 * factor times) is dropped.
-        # Pillow reduces only 8 and 32-bit images; OpenCV's area resize with an integer
-        # factor does it in 3 ms for a 2500 x 3000 film, a fifth of a 32-bit conversion.
+        # Pillow reduces only 8 and 32-bit images: converting a 2500 x 3000 film to 32 bits
+        # and reducing it took 20 ms; OpenCV's area resize with an integer factor, 3 ms.
         height, width = (side // factor for side in values.shape)
         blocks = values[: height * factor, : width * factor]
         values = cv2.resize(blocks, (width, height), interpolation=cv2.INTER_AREA)

@@ -1,5 +1,6 @@
 """The speed paths give the same answers: reduced decoding (`load_image(min_side=...)`), the
-table-based 16-bit rescale, and CAMs whose backward pass stops at the hooked layer."""
+table-based 16-bit rescale, 16-bit PNGs decoded by OpenCV, grey uploads framed in one band,
+and CAMs whose backward pass stops at the hooked layer."""
 
 from __future__ import annotations
 
@@ -84,6 +85,8 @@ def _pil_only(monkeypatch):
 def test_16_bit_png_decoded_by_opencv_equals_pil(tmp_path, monkeypatch, shape, min_side):
     pixels = np.random.default_rng(1).integers(300, 3800, shape, endpoint=True).astype(np.uint16)
     path = _save(pixels, tmp_path / "deep.png")
+    with Image.open(path) as opened:
+        assert data._opencv_decodes_alike(opened)  # the fast path is the one taken
     fast = np.asarray(data.load_image(path, min_side=min_side))
     stream = np.asarray(data.load_image(io.BytesIO(path.read_bytes()), min_side=min_side))
     _pil_only(monkeypatch)
