@@ -14,17 +14,9 @@ import pytest
 from synthetic_inputs import export_tiny_model, free_port, save_png, xray_like
 
 import app
+from assets.make_screenshots import CHROMIUM_ARGS  # the screenshot script's browser, flags and all
 
 CHROMIUM = Path(os.environ.get("COVIDTL_CHROMIUM", "/usr/bin/chromium"))
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 TIMEOUT_MS = 60_000
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install playwright")
