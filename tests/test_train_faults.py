@@ -42,6 +42,14 @@ def _command(recipe: Path, data: Path, tmp_path: Path, *extra: str) -> list[str]
     return [sys.executable, "-m", "train", *cli_args(recipe, data, tmp_path, *extra)]
 
 
+def _run(recipe: Path, data: Path, tmp_path: Path, *extra: str, timeout: float) -> subprocess.CompletedProcess:
+    """`python -m train` in a child process, to its end; output captured as text."""
+    return subprocess.run(
+        _command(recipe, data, tmp_path, *extra), cwd=REPO, env=ENV, capture_output=True, text=True,
+        timeout=timeout, check=False,
+    )
+
+
 def _epoch_lines(log: str, total: int) -> list[int]:
     """Epoch numbers of the "epoch i/total" lines a run logged (one per finished epoch)."""
     return [int(line.split("epoch ")[1].split("/")[0]) for line in log.splitlines() if f"/{total}  train loss" in line]
@@ -50,15 +58,7 @@ def _epoch_lines(log: str, total: int) -> list[int]:
 def test_a_corrupt_image_is_fatal_by_default_with_one_line_naming_it(tiny_covidx, tmp_path):
     _garbage(tiny_covidx / "train" / MIDDLE)
     recipe = write_recipe(tmp_path, epochs=1)
-    proc = subprocess.run(
-        _command(recipe, tiny_covidx, tmp_path),
-        cwd=REPO,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    proc = _run(recipe, tiny_covidx, tmp_path, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and proc.stderr.rstrip().endswith(errors[0]), proc.stderr
@@ -98,11 +98,13 @@ def test_a_corrupt_image_is_skipped_by_choice_and_named(tiny_covidx, tmp_path, c
 
 
 @pytest.mark.parametrize("on_corrupt", ["error", "skip"])
-def test_with_the_image_cache_damaged_png_pixels_are_found_before_training(
-    tiny_covidx, tmp_path, caplog, capsys, on_corrupt
+@pytest.mark.parametrize("damage", [_garbage, _undecodable_pixels], ids=["garbage", "png_pixels_undecodable"])
+def test_with_the_image_cache_corrupt_images_are_found_before_training(
+    tiny_covidx, tmp_path, caplog, capsys, damage, on_corrupt
 ):
-    # The cache build decodes every image, so it finds what the quick scan cannot.
-    _undecodable_pixels(tiny_covidx / "train" / MIDDLE)
+    # Cached runs skip the quick scan: the cache build decodes every image, so it finds
+    # what the scan finds and what it cannot (damaged PNG pixels under intact checksums).
+    damage(tiny_covidx / "train" / MIDDLE)
     recipe = write_recipe(tmp_path, epochs=1, cache="gray")
     args = cli_args(recipe, tiny_covidx, tmp_path, "--on-corrupt", on_corrupt, "--cache-dir", str(tmp_path / "cache"))
     with caplog.at_level(logging.WARNING):
@@ -150,15 +152,7 @@ def test_sigkill_then_resume_loses_at_most_the_epoch_in_progress(tiny_covidx, tm
     assert len(logged) <= done <= len(logged) + 1 and 1 <= done < epochs, (done, killed_log)
     assert not (tmp_path / "weights" / "tiny.safetensors").exists()
 
-    resumed = subprocess.run(
-        _command(recipe, tiny_covidx, tmp_path, "--resume"),
-        cwd=REPO,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    resumed = _run(recipe, tiny_covidx, tmp_path, "--resume", timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming tiny after epoch {done}" in resumed.stderr
     assert _epoch_lines(resumed.stderr, epochs) == list(range(done + 1, epochs + 1))  # nothing retrained

@@ -128,16 +128,19 @@ def seed_everything(seed: int) -> None:
     torch.backends.cudnn.deterministic = True
 
 
-def load_splits(root: Path, on_missing: str, on_corrupt: str) -> dict[str, tuple[list, Path]]:
-    """{split: (records, image_dir)} for train, val and (if present) test. Missing and
-    corrupt images are found here, before any training starts."""
+def load_splits(root: Path, on_missing: str, on_corrupt: str, scan: bool = True) -> dict[str, tuple[list, Path]]:
+    """{split: (records, image_dir)} for train, val and (if present) test. Missing images are
+    found here, before any training starts, and with `scan` corrupt ones too. Runs with an
+    image cache pass scan=False: the cache build decodes every image and reports corrupt
+    ones the same way (see `prepare_caches`), and a cache still valid was built from them."""
     splits = {}
     for split in ("train", "val", "test"):
         if split == "test" and not (root / "test.txt").is_file():
             continue  # a folder may hold only train and val
         label_file, image_dir = split_paths(root, split)
         records = check_images(parse_label_file(label_file), image_dir, on_missing=on_missing)
-        records = scan_images(records, image_dir, on_corrupt=on_corrupt)
+        if scan:
+            records = scan_images(records, image_dir, on_corrupt=on_corrupt)
         splits[split] = (records, image_dir)
     return splits
 
@@ -146,9 +149,10 @@ def prepare_caches(config: TrainConfig, root: Path, splits, input_size: int, cac
                    on_corrupt: str, show: bool) -> tuple[dict, dict[str, ImageCache]]:
     """(splits, {split: image cache}) when the recipe asks for a cache: built on the first run,
     reused after (rebuilt when a label file or an image changes); concurrent ranks build each
-    one once. The build decodes every image, so it finds what the quick scan cannot (a PNG
-    whose pixel data is damaged under intact checksums): with `on_corrupt` "skip" those
-    records leave the split and the cache is built without them."""
+    one once. The build decodes every image, so it is the corrupt-image check of cached runs,
+    stricter than the quick scan (it also finds a PNG whose pixel data is damaged under
+    intact checksums): with `on_corrupt` "skip" those records leave the split and the cache
+    is built without them."""
     if config.cache == "none":
         return splits, {}
     splits, caches = dict(splits), {}
@@ -232,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
              f"{trainable:,}", f"{total:,}")
 
     root = resolve_dataset_root(args.data, handle=args.kaggle_handle, version=args.kaggle_version)
-    splits = load_splits(root, args.on_missing, args.on_corrupt)
+    splits = load_splits(root, args.on_missing, args.on_corrupt, scan=config.cache == "none")
     splits, caches = prepare_caches(config, root, splits, spec.input_size, args.cache_dir, args.on_corrupt, show)
     (train_records, train_dir), val_records = splits["train"], splits["val"][0]
     val_labels = np.array([r.label for r in val_records])
