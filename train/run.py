@@ -249,10 +249,10 @@ def run(args: argparse.Namespace) -> int:
 
     loader, sampler = train_loader(train_records, train_dir, config, spec.input_size, mean, std, rank, world_size,
                                    cache=caches.get("train"))
-    loaders = {
+    loaders = {  # val and test: scored in record order (train is scored by training itself)
         split: eval_loader(records, image_dir, spec.input_size, mean, std, config.crop_fraction,
                            batch_size=config.batch_size * 2, num_workers=config.num_workers, cache=caches.get(split))
-        for split, (records, image_dir) in splits.items()
+        for split, (records, image_dir) in splits.items() if split != "train"
     }
 
     use_amp = config.amp and on_cuda
@@ -335,12 +335,10 @@ def run(args: argparse.Namespace) -> int:
 
 def evaluate_and_export(model, config, args, root, splits, loaders, mean, std, norm_source, history, best_epoch,
                         device, use_amp, channels_last, write: bool) -> dict:
-    """Threshold on val, reports on val/test, plots, card, export (when `write`)."""
+    """Threshold on val, reports on val/test (`loaders`), plots, card, export (when `write`)."""
     spec = get_spec(config.backbone)
     scores = {}
     for split in loaders:
-        if split == "train":
-            continue
         s, y, _ = predict_scores(model, loaders[split], device, amp=use_amp, channels_last=channels_last)
         scores[split] = (y, s, [r.source for r in splits[split][0]])
     threshold = metrics.choose_threshold(scores["val"][0], scores["val"][1], min_sensitivity=config.min_sensitivity)
