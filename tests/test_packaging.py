@@ -79,3 +79,10 @@ def test_a_shipped_recipe_is_found_by_name_from_any_folder(tmp_path, monkeypatch
     (tmp_path / "mini" / "resnet18.toml").write_text("name = 'mine'\n")
     assert find_recipe(Path("mini/resnet18.toml")) == Path("mini/resnet18.toml")  # a real file comes first
     assert find_recipe(Path("no/such/recipe")) == Path("no/such/recipe")  # unknown: left for load_recipe to refuse
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    ci = (REPO / ".ci" / "run").read_text().splitlines()
+    ci = [line for line in ci if "pytest" in line and not line.startswith("#")]
+    readme = [line.strip() for line in (REPO / "README.md").read_text().splitlines() if "-m pytest" in line]
+    assert ci == readme == ["python3 -m pytest -q --durations=15"]
