@@ -553,11 +553,18 @@ def launch_options(host: str = "127.0.0.1", port: int | None = None, share: bool
 
 demo = build_demo(env_weights_dir(), env_examples_dir(), queue_size=env_queue_size())
 
-if __name__ == "__main__":
+
+def main(argv: list[str] | None = None) -> None:
+    """`python app.py` and the `covidtl-app` command: parse the flags, serve until stopped."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("covidtl").setLevel(logging.INFO)
-    args = parse_args()
+    args = parse_args(argv)
+    served = demo
     chosen = (args.weights_dir, args.examples_dir, args.queue_size)
     if chosen != (env_weights_dir(), env_examples_dir(), env_queue_size()):
-        demo = build_demo(args.weights_dir, args.examples_dir, queue_size=args.queue_size)
-    demo.launch(**launch_options(args.host, args.port, args.share))
+        served = build_demo(args.weights_dir, args.examples_dir, queue_size=args.queue_size)
+    served.launch(**launch_options(args.host, args.port, args.share))
+
+
+if __name__ == "__main__":
+    main()

@@ -129,31 +129,44 @@ def free_port() -> int:
 class Server:
     """`python app.py` in its own process, stopped (SIGTERM, then SIGKILL) on exit."""
 
+    PORT_ATTEMPTS = 5
+
     def __init__(self, weights_dir: Path, queue_size: int | None, log_path: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/"
-        env = {
+        self.env = {
             **os.environ,
             "COVIDTL_HOST": "127.0.0.1",
-            "COVIDTL_PORT": str(self.port),
             "COVIDTL_WEIGHTS": str(weights_dir),
             "GRADIO_ANALYTICS_ENABLED": "False",
             "PYTHONUNBUFFERED": "1",
         }
-        env.pop("COVIDTL_EXAMPLES", None)
-        env.pop("COVIDTL_QUEUE_SIZE", None)
+        self.env.pop("COVIDTL_EXAMPLES", None)
+        self.env.pop("COVIDTL_QUEUE_SIZE", None)
         if queue_size is not None:
-            env["COVIDTL_QUEUE_SIZE"] = str(queue_size)
+            self.env["COVIDTL_QUEUE_SIZE"] = str(queue_size)
         self.log_path = log_path
-        self._log = open(log_path, "w")  # noqa: SIM115 - the server writes to it until stop()
+        self.attempts = 0
+        self._spawn()
+
+    def _spawn(self) -> None:
+        """Start the app on a port free right now (another process may take it before the app
+        binds it: `wait_ready` then starts it again on another)."""
+        self.attempts += 1
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - the server writes to it until stop()
         self.process = subprocess.Popen(
-            [sys.executable, str(REPO / "app.py")], cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT
-        )
+            [sys.executable, str(REPO / "app.py")], cwd=REPO, env={**self.env, "COVIDTL_PORT": str(self.port)},
+            stdout=self._log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
 
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                if "Cannot find empty port" in self.log_tail() and self.attempts < self.PORT_ATTEMPTS:
+                    self._log.close()
+                    self._spawn()
+                    continue
                 raise RuntimeError(f"the app exited with code {self.process.returncode}:\n{self.log_tail()}")
             try:
                 if httpx.get(f"{self.url}config", timeout=5).status_code == 200:
@@ -197,7 +210,9 @@ def offline_client(url: str, downloads: Path):
     # gradio_client only skips its telemetry thread when this variable says so.
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
-    return Client(url, verbose=False, analytics_enabled=False, download_files=str(downloads))
+    # httpx_kwargs: gradio_client's 5 s default per HTTP call is too short on a busy machine.
+    return Client(url, verbose=False, analytics_enabled=False, download_files=str(downloads),
+                  httpx_kwargs={"timeout": 120})
 
 
 def heatmap_pixels(path: str) -> np.ndarray:
@@ -471,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"models: {', '.join(models)}; images: {', '.join(p.name for p in images)}")
 
         server = Server(weights_dir, args.queue_size, work_dir / "server.log")
-        server.wait_ready(timeout=180)
+        server.wait_ready(timeout=600)
         queue = args.queue_size or "the app's default"
         log(f"app at {server.url} (pid {server.process.pid}, queue size {queue}), memory {server.memory_mib()}")
         if args.overload:

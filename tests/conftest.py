@@ -9,6 +9,9 @@ patients have two images.
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +20,30 @@ import torch
 from PIL import Image
 
 SOURCES = ("srcA", "srcB")
+_GRADIO_TEMP_DIR = "GRADIO_TEMP_DIR"
+
+
+def pytest_configure(config):
+    """Each test run gets its own gradio cache folder (inherited by the apps it starts).
+
+    Gradio reads GRADIO_TEMP_DIR when it is imported, so this runs before any test module
+    imports it. With the shared default (/tmp/gradio) another gradio process on the machine
+    that closes deletes files this run's servers still serve."""
+    config._covidtl_gradio_temp = tempfile.mkdtemp(prefix="covidtl-tests-gradio-")
+    config._covidtl_gradio_previous = os.environ.get(_GRADIO_TEMP_DIR)
+    os.environ[_GRADIO_TEMP_DIR] = config._covidtl_gradio_temp
+
+
+def pytest_unconfigure(config):
+    folder = getattr(config, "_covidtl_gradio_temp", None)
+    if folder is None:
+        return
+    previous = config._covidtl_gradio_previous
+    if previous is None:
+        os.environ.pop(_GRADIO_TEMP_DIR, None)
+    else:
+        os.environ[_GRADIO_TEMP_DIR] = previous
+    shutil.rmtree(folder, ignore_errors=True)
 DEFAULT_SPLIT_SIZES = {"train": 12, "val": 6, "test": 6}
 
 

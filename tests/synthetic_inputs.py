@@ -20,6 +20,10 @@ from covidtl.classes import CLASSES
 from covidtl.export import export_model
 from covidtl.models import create_model
 
+# Seconds one HTTP call of a test client may take: a request on a loaded 2-core machine took
+# tens of seconds, and a deadline is only there so a broken server cannot hang the suite.
+CLIENT_TIMEOUT_S = 120
+
 DX_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage, for presentation
 
 
@@ -99,10 +103,31 @@ def save_png(pixels: np.ndarray, path: Path) -> Path:
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    """A TCP port on 127.0.0.1 that nothing listens on right now (it may be taken by the time
+    it is used: `launch` retries)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def launch(demo, attempts: int = 5) -> str:
+    """Serve `demo` (a gr.Blocks of app.py) on 127.0.0.1 at a free port; its URL.
+
+    `free_port` lets its port go before gradio binds it, so another process on a busy machine
+    can take it in between; gradio then raises OSError and a new port is tried. (Port 0
+    cannot be passed: gradio builds and checks its URL from the number it was given.)"""
+    import app
+
+    def once() -> str:
+        _, url, _ = demo.launch(**app.launch_options("127.0.0.1", free_port()), prevent_thread_lock=True, quiet=True)
+        return url
+
+    for _ in range(attempts - 1):
+        try:
+            return once()
+        except OSError:
+            pass  # the offered port was taken meanwhile: ask for another
+    return once()
 
 
 def hook_count(model) -> int:
@@ -118,15 +143,14 @@ def offline_client(url: str) -> Client:
     with pytest.MonkeyPatch.context() as env:
         env.setenv("GRADIO_ANALYTICS_ENABLED", "False")
         env.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-        return Client(url, verbose=False, analytics_enabled=False)
+        # gradio_client's httpx calls time out after 5 s by default: too short on a busy machine.
+        return Client(url, verbose=False, analytics_enabled=False, httpx_kwargs={"timeout": CLIENT_TIMEOUT_S})
 
 
 @contextmanager
 def launched(demo) -> Iterator[str]:
     """Serve `demo` (a gr.Blocks of app.py) on 127.0.0.1 at a free port; yield its URL."""
-    import app
-
-    _, url, _ = demo.launch(**app.launch_options("127.0.0.1", free_port()), prevent_thread_lock=True, quiet=True)
+    url = launch(demo)
     try:
         yield url
     finally:

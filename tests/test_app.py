@@ -18,8 +18,8 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 from synthetic_inputs import (
     export_tiny_model,
-    free_port,
     hook_count,
+    launch,
     launched,
     make_dicom,
     offline_client,
@@ -214,9 +214,9 @@ def test_empty_weights_folder_explains_how_to_get_models(tmp_path, images):
     assert app.TRAIN_COMMAND in texts and "No models found" in texts
     with pytest.raises(gr.Error, match="python -m train"):
         app.classify(ModelStore(tmp_path / "weights"), str(images["png"]), None, "Grad-CAM", 0.4)
-    _, url, _ = demo.launch(**app.launch_options("127.0.0.1", free_port()), prevent_thread_lock=True, quiet=True)
+    url = launch(demo)
     try:
-        config = httpx.get(f"{url}config", timeout=30).text
+        config = httpx.get(f"{url}config", timeout=120).text
         assert "python -m train --recipe train/recipes/" in config
     finally:
         demo.close()
@@ -301,7 +301,7 @@ def test_concurrent_requests_get_their_own_answers(client, store, tmp_path):
         for i, p in enumerate(paths)
     ]
     for i, job in enumerate(jobs):
-        label, decision, *_ = job.result(timeout=120)
+        label, decision, *_ = job.result(timeout=600)
         assert _p_covid(label) == pytest.approx(expected[i], abs=1e-5)
         assert f"`{models[i % 2]}`" in decision
     for name in models:
@@ -342,33 +342,41 @@ AUDIT = textwrap.dedent(
             seen.append(f"connect {args[1]}")
 
     sys.addaudithook(audit)
+    import threading
+    before = set(threading.enumerate())
     import app
-    app.demo.launch(**app.launch_options("127.0.0.1", int(sys.argv[1])), prevent_thread_lock=True, quiet=True)
-    import time; time.sleep(1.5)  # gradio's version check and analytics run in threads
+    from synthetic_inputs import launch
+    launch(app.demo)
+    started = set(threading.enumerate()) - before
     app.demo.close()
+    # gradio's version check and analytics would run in threads: wait for every thread that
+    # import and launch started to end, instead of sleeping and hoping they are done.
+    for thread in started | (set(threading.enumerate()) - before):
+        thread.join(timeout=600)
+        assert not thread.is_alive(), f"thread {thread.name} still runs"
     print(json.dumps(seen))
     """
 )
 
 
 def test_import_and_launch_make_no_outside_connection(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("GRADIO_", "HF_"))}
-    env.update(COVIDTL_WEIGHTS=str(tmp_path), PYTHONPATH=str(ROOT))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GRADIO_", "HF_")) or k == "GRADIO_TEMP_DIR"}
+    env.update(COVIDTL_WEIGHTS=str(tmp_path), PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
     result = subprocess.run(
-        [sys.executable, "-c", AUDIT, str(free_port())],
+        [sys.executable, "-c", AUDIT],
         check=False,
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=900,  # a thread that never ends fails inside (join 600 s), not here
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout.strip().splitlines()[-1]) == []
 
 
 def test_output_files_are_unique_and_old_ones_are_swept(tmp_path):
-    files = app.OutputFiles(max_age_s=60)
+    files = app.OutputFiles(max_age_s=3600)  # "young" files must stay young through a stall of the machine
     image = xray_like(32)
     first, second = files.png(np.stack([image] * 3, axis=-1)), files.png(Image.fromarray(image))
     assert first != second and Image.open(first).size == (32, 32)

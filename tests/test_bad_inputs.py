@@ -223,7 +223,7 @@ def test_oversized_inputs_are_refused_before_decoding_in_bounded_memory(corpus, 
         env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,  # a deadline only; the test measures memory, never time
         check=False,
     )
     assert result.returncode == 0, result.stderr[-2000:]

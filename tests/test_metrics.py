@@ -2,12 +2,12 @@
 
 import json
 import math
-import time
 
 import numpy as np
 import pytest
 from sklearn.metrics import confusion_matrix, roc_auc_score
 
+from covidtl import metrics
 from covidtl.metrics import (
     METRICS,
     _weighted_metrics,
@@ -180,12 +180,22 @@ def test_bootstrap_is_nan_aware():
     assert all(math.isnan(v) for pair in ci.values() for v in pair)
 
 
-def test_bootstrap_is_fast_on_10k_samples():
+def test_bootstrap_resamples_in_bounded_chunks_with_the_same_result(monkeypatch):
+    """Vectorised: a few chunks of whole resamples (not one Python step per resample), each
+    holding at most _BOOTSTRAP_CHUNK_ELEMENTS weights; the chunk size never changes the answer."""
     y, s = _random_case(10_000, seed=8)
-    start = time.perf_counter()
-    bootstrap_intervals(y, s, 0.5, n_boot=1000, seed=0)
-    # Generous bound for a shared 2-core CI machine; typically well under 2 s.
-    assert time.perf_counter() - start < 10.0
+    one_chunk = metrics.bootstrap_intervals(y, s, 0.5, n_boot=200, seed=0)
+    shapes = []
+    weighted = metrics._weighted_metrics
+
+    def spy(weights, *args):
+        shapes.append(weights.shape)
+        return weighted(weights, *args)
+
+    monkeypatch.setattr(metrics, "_weighted_metrics", spy)
+    monkeypatch.setattr(metrics, "_BOOTSTRAP_CHUNK_ELEMENTS", 64 * 10_000)
+    assert metrics.bootstrap_intervals(y, s, 0.5, n_boot=200, seed=0) == one_chunk
+    assert shapes == [(64, 10_000)] * 3 + [(8, 10_000)]
 
 
 def test_nan_to_none_makes_json_safe():

@@ -37,7 +37,7 @@ from bad_inputs import good_xray
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from gradio_client.utils import QueueError
-from synthetic_inputs import export_tiny_model, free_port, launched, offline_client
+from synthetic_inputs import export_tiny_model, launch, launched, offline_client
 
 import app
 from covidtl import inference
@@ -122,7 +122,7 @@ def test_pickles_in_the_weights_folder_are_never_unpickled(booby_trapped, client
 
 
 def test_the_models_tab_says_why_pickles_are_not_offered(served):
-    config = httpx.get(f"{served}config", timeout=30).text
+    config = httpx.get(f"{served}config", timeout=120).text
     assert "evil.pt" in config and "pickled checkpoints are never loaded" in config
 
 
@@ -163,9 +163,9 @@ def test_model_names_with_paths_are_rejected_through_the_api(client, good, booby
 
 def test_file_routes_serve_uploads_but_nothing_outside_the_app(served, booby_trapped):
     weights, _ = booby_trapped
-    upload = httpx.post(f"{served}gradio_api/upload", files={"files": ("probe.png", b"\x89PNG probe")}, timeout=30)
+    upload = httpx.post(f"{served}gradio_api/upload", files={"files": ("probe.png", b"\x89PNG probe")}, timeout=120)
     uploaded = upload.json()[0]
-    assert httpx.get(f"{served}gradio_api/file={uploaded}", timeout=30).content == b"\x89PNG probe"  # route works
+    assert httpx.get(f"{served}gradio_api/file={uploaded}", timeout=120).content == b"\x89PNG probe"  # route works
 
     secrets = {
         "/etc/passwd": b"root:",
@@ -189,7 +189,7 @@ def test_file_routes_serve_uploads_but_nothing_outside_the_app(served, booby_tra
             f"static/{relative}",
             f"assets/{relative}",
         ):
-            response = httpx.get(f"{served}{route}", timeout=30)
+            response = httpx.get(f"{served}{route}", timeout=120)
             assert response.status_code in (403, 404), (route, response.status_code)
             assert not (content and content in response.content), route
 
@@ -199,9 +199,9 @@ def test_a_request_cannot_name_a_server_file_as_its_upload(served, booby_trapped
     for path in ("/etc/passwd", str(ROOT / "app.py"), str(weights / "good.safetensors")):
         file_data = {"path": path, "meta": {"_type": "gradio.FileData"}}
         joined = httpx.post(
-            f"{served}gradio_api/call/classify", json={"data": [file_data, "good", "Grad-CAM", 0.4]}, timeout=30
+            f"{served}gradio_api/call/classify", json={"data": [file_data, "good", "Grad-CAM", 0.4]}, timeout=120
         )
-        events = httpx.get(f"{served}gradio_api/call/classify/{joined.json()['event_id']}", timeout=60).text
+        events = httpx.get(f"{served}gradio_api/call/classify/{joined.json()['event_id']}", timeout=120).text
         assert events.startswith("event: error") and "root:" not in events and "COVID-19" not in events, events
 
 
@@ -218,7 +218,7 @@ def test_an_unexpected_error_shows_no_trace_or_detail(tmp_path, good):
     weights = tmp_path / "weights"
     export_tiny_model(weights, "good", input_size=64)
     demo = app.build_demo(weights, store=BrokenStore(weights))
-    _, url, _ = demo.launch(**app.launch_options("127.0.0.1", free_port()), prevent_thread_lock=True, quiet=True)
+    url = launch(demo)
     try:
         with pytest.raises(AppError) as info:
             offline_client(url).predict(handle_file(str(good)), "good", "Grad-CAM", 0.4, api_name="/classify")
@@ -241,11 +241,12 @@ class _GatedStore(ModelStore):
 
     def get(self, name):
         self.entered.release()
-        self.gate.wait(120)
+        self.gate.wait(600)  # opened by the test; the timeout only keeps a failing test from hanging
         return super().get(name)
 
 
-def _wait_for(condition, seconds: float = 60) -> None:
+def _wait_for(condition, seconds: float = 600) -> None:
+    """Poll `condition` until it holds; the deadline is far beyond what a loaded machine needs."""
     deadline = time.monotonic() + seconds
     while not condition():
         assert time.monotonic() < deadline, "timed out"
@@ -257,22 +258,23 @@ def test_a_full_queue_refuses_at_once_and_then_serves_again(tmp_path, good):
     export_tiny_model(weights, "good", input_size=64)
     store = _GatedStore(weights)
     demo = app.build_demo(weights, store=store, queue_size=1)
-    _, url, _ = demo.launch(**app.launch_options("127.0.0.1", free_port()), prevent_thread_lock=True, quiet=True)
+    url = launch(demo)
     try:
         client = offline_client(url)
         args = (handle_file(str(good)), "good", "Grad-CAM", 0.4)
         running = [client.submit(*args, api_name="/classify") for _ in range(app.CONCURRENCY_LIMIT)]
         for _ in running:
-            assert store.entered.acquire(timeout=60)  # both are inside the handler, held at the gate
+            assert store.entered.acquire(timeout=600)  # both are inside the handler, held at the gate
         waiting = client.submit(*args, api_name="/classify")
         _wait_for(lambda: len(demo._queue) == 1)
-        started = time.monotonic()
         for _ in range(5):
             with pytest.raises(QueueError, match="Queue is full"):
                 client.predict(*args, api_name="/classify")
-        assert time.monotonic() - started < 30  # refused at once, not after waiting
+        # Refused at once, not after waiting: with the gate still shut no queued request could
+        # have been answered, so each refusal came while nothing had moved.
+        assert not store.gate.is_set() and len(demo._queue) == 1 and not any(job.done() for job in running)
         store.gate.set()
-        answers = [job.result(timeout=120)[0]["label"] for job in [*running, waiting]]
+        answers = [job.result(timeout=600)[0]["label"] for job in [*running, waiting]]
         assert len(answers) == 3
         assert client.predict(*args, api_name="/classify")[0]["label"] == answers[0]
     finally:
@@ -316,7 +318,7 @@ def test_an_export_killed_at_any_moment_leaves_nothing_the_app_loads_wrongly(tmp
             time.sleep(delay)
         finally:
             proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=30)
+            proc.wait(timeout=300)
             proc.stdout.close()
 
         store = ModelStore(weights)
@@ -343,12 +345,12 @@ def test_the_load_test_passes_at_small_scale():
     the full 32 x 10 run is in the README."""
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "load_test.py"), "--clients", "3", "--requests", "2",
-         "--images", "2", "--random-models", "--timeout", "240"],
+         "--images", "2", "--random-models", "--timeout", "600"],
         cwd=ROOT,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=1200,  # the script's own --timeout ends it first; 3x a loaded machine's slowest run
         check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

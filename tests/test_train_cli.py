@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -66,9 +66,17 @@ def test_train_exports_weights_card_and_plots(tiny_covidx, tmp_path):
 
 def test_pretrained_offline_fails_fast_with_actionable_message(tiny_covidx, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
-    started = time.perf_counter()
+    work = []  # fast, counted instead of timed: no connection and no data work before the error
+
+    def record(*args, **kwargs):
+        work.append(args[:1])
+        raise AssertionError("reached after the pretrained weights were found missing")
+
+    monkeypatch.setattr(socket, "create_connection", record)
+    monkeypatch.setattr(socket.socket, "connect", record)
+    monkeypatch.setattr(train_run, "resolve_dataset_root", record)
     code = train_main(cli_args(write_recipe(tmp_path, backbone="resnet18", pretrained=True), tiny_covidx, tmp_path))
-    assert code == 2 and time.perf_counter() - started < 5
+    assert code == 2 and work == []
     err = capsys.readouterr().err
     assert "resnet18-f37072fd.pth" in err and "--no-pretrained" in err and "Traceback" not in err
     assert not (tmp_path / "weights").exists()
@@ -125,7 +133,7 @@ def test_torchrun_two_processes_agree_and_only_rank0_writes(tiny_covidx, tmp_pat
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "train", *cli_args(recipe, tiny_covidx, tmp_path)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,  # 3x a loaded machine's slowest
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     finals = [line.split("final:", 1)[1] for line in proc.stderr.splitlines() if "final:" in line]

@@ -58,7 +58,7 @@ def _epoch_lines(log: str, total: int) -> list[int]:
 def test_a_corrupt_image_is_fatal_by_default_with_one_line_naming_it(tiny_covidx, tmp_path):
     _garbage(tiny_covidx / "train" / MIDDLE)
     recipe = write_recipe(tmp_path, epochs=1)
-    proc = _run(recipe, tiny_covidx, tmp_path, timeout=300)
+    proc = _run(recipe, tiny_covidx, tmp_path, timeout=900)
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and proc.stderr.rstrip().endswith(errors[0]), proc.stderr
@@ -135,14 +135,14 @@ def test_sigkill_then_resume_loses_at_most_the_epoch_in_progress(tiny_covidx, tm
         text=True,
     )
     try:
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + 900  # 3x the slowest first epoch seen on a loaded machine
         while not checkpoint.exists():  # the first epoch's checkpoint
             assert killed.poll() is None, "the run ended before its first checkpoint"
-            assert time.monotonic() < deadline, "no checkpoint within 240 s"
+            assert time.monotonic() < deadline, "no checkpoint within 900 s"
             time.sleep(0.01)
     finally:
         killed.send_signal(signal.SIGKILL)
-        _, killed_log = killed.communicate(timeout=60)
+        _, killed_log = killed.communicate(timeout=300)
     assert killed.returncode == -signal.SIGKILL
 
     done = json.loads(checkpoint.read_text())["epoch"] + 1  # epochs saved before the kill
@@ -152,7 +152,7 @@ def test_sigkill_then_resume_loses_at_most_the_epoch_in_progress(tiny_covidx, tm
     assert len(logged) <= done <= len(logged) + 1 and 1 <= done < epochs, (done, killed_log)
     assert not (tmp_path / "weights" / "tiny.safetensors").exists()
 
-    resumed = _run(recipe, tiny_covidx, tmp_path, "--resume", timeout=600)
+    resumed = _run(recipe, tiny_covidx, tmp_path, "--resume", timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming tiny after epoch {done}" in resumed.stderr
     assert _epoch_lines(resumed.stderr, epochs) == list(range(done + 1, epochs + 1))  # nothing retrained

@@ -54,6 +54,9 @@ from covidtl.stats import compute_stats
 
 log = logging.getLogger("train")
 
+# The shipped recipes, inside the installed `train` package as in the checkout.
+RECIPES = Path(__file__).resolve().parent / "recipes"
+
 INTENDED_USE = (
     "Research and teaching demonstration of transfer learning and Grad-CAM on chest X-rays. "
     "Not a medical device; not for diagnosis, triage or any clinical decision."
@@ -67,9 +70,25 @@ GENERAL_LIMITATIONS = [
 ]
 
 
+def find_recipe(path: Path) -> Path:
+    """`path` when it exists, else the shipped recipe it names, so that `--recipe mini/resnet18`,
+    `mini/resnet18.toml` or `train/recipes/mini/resnet18.toml` work from any folder once the
+    package is installed. An unknown name comes back unchanged (loading it says what to do)."""
+    if path.exists():
+        return path
+    name = path.as_posix().removeprefix("train/recipes/")
+    for candidate in (RECIPES / name, RECIPES / f"{name}.toml"):
+        if candidate.is_file():
+            return candidate
+    return path
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m train", description=__doc__, allow_abbrev=False)
-    p.add_argument("--recipe", type=Path, required=True, help="TOML recipe, e.g. train/recipes/resnet18.toml")
+    prog = "covidtl-train" if Path(sys.argv[0]).name == "covidtl-train" else "python -m train"
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, allow_abbrev=False)
+    p.add_argument("--recipe", type=Path, required=True,
+                   help="TOML recipe: a file, or a shipped one by name (resnet18, mini/resnet18, "
+                        "train/recipes/mini/resnet18.toml) from any folder")
     p.add_argument("--data", type=Path, help="local folder in the COVIDx layout; omit to download with kagglehub")
     p.add_argument("--kaggle-handle", default=KAGGLE_HANDLE)
     p.add_argument("--kaggle-version", type=int, help="pin the Kaggle dataset version")
@@ -221,7 +240,7 @@ def run(args: argparse.Namespace) -> int:
         "num_workers": args.num_workers, "lr": args.lr, "seed": args.seed, "pretrained": args.pretrained,
         "cache": args.cache,
     }
-    config = load_recipe(args.recipe, overrides)
+    config = load_recipe(find_recipe(args.recipe), overrides)
     rank, world_size, device = setup_distributed(args.device)
     main_process = rank == 0
     show = args.progress and main_process
