@@ -171,7 +171,7 @@ def test_file_routes_serve_uploads_but_nothing_outside_the_app(served, booby_tra
         "/etc/passwd": b"root:",
         str(ROOT / "app.py"): b"gr.Blocks",
         str(ROOT / "covidtl" / "inference.py"): b"class Predictor",
-        str(ROOT / "assets" / "examples" / "synthetic-phantom.png"): b"\x89PNG",
+        str(ROOT / "assets" / "examples" / "cohen-covid19-5782ae15.jpg"): b"\xff\xd8\xff",
         str(weights / "good.safetensors"): b"",
         str(weights / "good.json"): b'"architecture"',
     }
