@@ -24,21 +24,35 @@ import numpy as np
 import torch
 
 from covidtl.data import load_image, parse_label_file, split_paths
-from covidtl.scope import ENCODER, INPUT_SIZE, ScopeGate, cheap_checks, fit_gate, save_gate, small_rgb
+from PIL import Image
+
+from covidtl.scope import (
+    ENCODER,
+    INPUT_SIZE,
+    Encoder,
+    Mahalanobis,
+    ScopeGate,
+    cheap_checks,
+    features_of,
+    save_gate,
+    small_rgb,
+)
 
 log = logging.getLogger("train.scope")
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "assets" / "examples"
 
 
-def _split_pixels(root: Path, split: str) -> tuple[list[str], list[np.ndarray]]:
+def _split(root: Path, split: str) -> tuple[list[str], list[str], list[np.ndarray]]:
+    """File names, sources and `small_rgb` pixels of one split."""
     label_file, image_dir = split_paths(root, split)
-    names = [record.filename for record in parse_label_file(label_file)]
-    return names, [small_rgb(load_image(image_dir / name, min_side=INPUT_SIZE)) for name in names]
+    records = parse_label_file(label_file)
+    pixels = [small_rgb(load_image(image_dir / r.filename, min_side=INPUT_SIZE)) for r in records]
+    return [r.filename for r in records], [r.source for r in records], pixels
 
 
-def refusals(gate: ScopeGate, pixels: list[np.ndarray], distances: np.ndarray) -> np.ndarray:
-    """Which images the gate refuses (bool [N]), given their feature distances."""
-    cheap = np.array([not cheap_checks(p, gate.max_colour_share, gate.min_spread).in_scope for p in pixels])
+def refusals(gate: ScopeGate, cheap: np.ndarray, distances: np.ndarray) -> np.ndarray:
+    """Which images the gate refuses (bool [N]): `cheap` (bool [N]) marks those the cheap
+    checks refuse, `distances` are their feature distances."""
     return cheap | (distances > gate.cutoff)
 
 
@@ -46,57 +60,96 @@ def _share(refused: np.ndarray) -> dict:
     return {"refused": int(refused.sum()), "n": len(refused), "share": float(refused.mean()) if len(refused) else None}
 
 
-def fit(args: argparse.Namespace) -> dict:
+def collect(args: argparse.Namespace, encoder: Encoder) -> dict[str, dict]:
+    """Per set (train, val, test, examples, tune, measure): names, kinds (the source of a
+    film, the kind of a development image), whether the cheap checks refuse each image,
+    and encoder features [N, 304]. Cached in `args.features_cache` when given."""
     from train.nonxray import split_halves
 
-    torch.set_num_threads(args.threads)
-    log.info("reading %s", args.data)
-    _, train = _split_pixels(args.data, "train")
-    _, val = _split_pixels(args.data, "val")
-    test_names, test = _split_pixels(args.data, "test")
+    if args.features_cache and args.features_cache.is_file():
+        with np.load(args.features_cache, allow_pickle=False) as cached:
+            sets = {key.split("/")[0] for key in cached.files}
+            return {s: {f: cached[f"{s}/{f}"] for f in ("names", "kinds", "cheap", "features")} for s in sets}
+    raw: dict[str, tuple[list[str], list[str], list[np.ndarray]]] = {}
+    for split in ("train", "val", "test"):
+        log.info("reading %s/%s", args.data, split)
+        raw[split] = _split(args.data, split)
     examples = sorted(p for p in args.examples.glob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
-    example_pixels = [small_rgb(load_image(p)) for p in examples]
-    halves = split_halves(args.seed)
+    raw["examples"] = ([p.name for p in examples], ["example"] * len(examples), [small_rgb(load_image(p)) for p in examples])
+    for half, items in split_halves(args.seed).items():
+        raw[half] = ([n for _, n, _ in items], [k for k, _, _ in items], [small_rgb(Image.fromarray(im)) for _, _, im in items])
+    out = {}
+    for key, (names, kinds, pixels) in raw.items():
+        log.info("features of %s (%d images)", key, len(pixels))
+        cheap = [not cheap_checks(p).in_scope for p in pixels]
+        out[key] = {
+            "names": np.array(names),
+            "kinds": np.array(kinds),
+            "cheap": np.array(cheap, dtype=bool),
+            "features": features_of(encoder, pixels),
+        }
+    if args.features_cache:
+        args.features_cache.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(args.features_cache, **{f"{s}/{f}": v for s, d in out.items() for f, v in d.items()})
+    return out
 
-    log.info("fitting on %d train films, cutoff from %d validation films", len(train), len(val))
-    gate, val_d = fit_gate(train, val, args.percentile, 1.0)
-    base = gate.cutoff  # the percentile itself (margin 1.0)
-    dist = {
-        "test": gate.distances(test),
-        "examples": gate.distances(example_pixels) if example_pixels else np.zeros(0),
-        **{half: gate.distances([small_rgb_array(im) for _, _, im in items]) for half, items in halves.items()},
-    }
-    pix = {"test": test, "examples": example_pixels}
-    pix.update({half: [small_rgb_array(im) for _, _, im in items] for half, items in halves.items()})
 
-    if args.margin == "auto":
-        margin = 1.0
-        for candidate in np.arange(1.0, args.max_margin + 1e-9, 0.05):
-            gate.cutoff = float(candidate * base)
-            if refusals(gate, pix["tune"], dist["tune"]).mean() >= args.tune_refusal:
-                margin = float(candidate)
-        rule = (
-            f"largest margin in 1.0-{args.max_margin:g} at which the tune half of the development set is "
-            f"still refused (>= {args.tune_refusal:.0%}): {margin:.2f} x the {args.percentile:g}th percentile "
-            "of validation distances"
-        )
-    else:
+def _margin(gate: ScopeGate, base: float, tune: dict, distances: np.ndarray, args: argparse.Namespace) -> tuple[float, str]:
+    if args.margin != "auto":
         margin = float(args.margin)
-        rule = f"{margin:g} x the {args.percentile:g}th percentile of validation distances"
+        return margin, f"{margin:g} x the {args.percentile:g}th percentile of validation distances"
+    margin = 1.0
+    for candidate in np.arange(1.0, args.max_margin + 1e-9, 0.05):
+        gate.cutoff = float(candidate * base)
+        if refusals(gate, tune["cheap"], distances).mean() >= args.tune_refusal:
+            margin = float(candidate)
+    return margin, (
+        f"largest margin in 1.0-{args.max_margin:g} at which at least {args.tune_refusal:.0%} of the tune half "
+        f"of the development set is refused: {margin:.2f} x the {args.percentile:g}th percentile of validation "
+        "distances"
+    )
+
+
+def held_out_sources(sets: dict[str, dict], percentile: float, margin: float) -> dict[str, dict]:
+    """Films of each source refused by a gate fitted and cut off without that source (a
+    stand-in for films from another hospital)."""
+    out = {}
+    for source in sorted(set(sets["train"]["kinds"])):
+        keep = {s: sets[s]["kinds"] != source for s in ("train", "val")}
+        if keep["train"].sum() < 2 or keep["val"].sum() < 2:
+            continue
+        distance = Mahalanobis.fit(sets["train"]["features"][keep["train"]])
+        cutoff = margin * np.percentile(distance(sets["val"]["features"][keep["val"]]), percentile)
+        films = np.concatenate([sets[s]["features"][sets[s]["kinds"] == source] for s in ("train", "val", "test")])
+        cheap = np.concatenate([sets[s]["cheap"][sets[s]["kinds"] == source] for s in ("train", "val", "test")])
+        out[source] = _share(cheap | (distance(films) > cutoff))
+    return out
+
+
+def fit(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    encoder = Encoder()
+    sets = collect(args, encoder)
+    train, val = sets["train"], sets["val"]
+    log.info("fitting on %d train films, cutoff from %d validation films", len(train["names"]), len(val["names"]))
+    distance = Mahalanobis.fit(train["features"])
+    gate = ScopeGate(distance, encoder=encoder)
+    dist = {key: distance(value["features"]) for key, value in sets.items()}
+    base = float(np.percentile(dist["val"], args.percentile))
+    margin, rule = _margin(gate, base, sets["tune"], dist["tune"], args)
     gate.cutoff = float(margin * base)
 
     measured = {}
-    for key in ("test", "examples", "tune", "measure"):
-        refused = refusals(gate, pix[key], dist[key])
+    for key in ("val", "test", "examples", "tune", "measure"):
+        refused = refusals(gate, sets[key]["cheap"], dist[key])
         measured[key] = _share(refused)
+        names, kinds = sets[key]["names"].tolist(), sets[key]["kinds"].tolist()
         if key in ("tune", "measure"):
-            kinds = [kind for kind, _, _ in halves[key]]
             measured[key]["kept_by_kind"] = dict(Counter(k for k, r in zip(kinds, refused) if not r))
-            measured[key]["kept"] = [n for (_, n, _), r in zip(halves[key], refused) if not r]
-        elif key == "test":
-            measured[key]["refused_files"] = [n for n, r in zip(test_names, refused) if r]
+            measured[key]["kept"] = [n for n, r in zip(names, refused) if not r]
+            measured[key]["closest"] = sorted(zip(dist[key].round(1).tolist(), names))[:5]
         else:
-            measured[key]["refused_files"] = [p.name for p, r in zip(examples, refused) if r]
+            measured[key]["refused_files"] = [n for n, r in zip(names, refused) if r]
     gate.card.update(
         {
             "name": "scope",
@@ -106,17 +159,22 @@ def fit(args: argparse.Namespace) -> dict:
             "margin": margin,
             "percentile": args.percentile,
             "validation_percentile_distance": base,
-            "data": {"name": args.data.name, "fit_split": "train", "cutoff_split": "val", "n_train": len(train),
-                     "n_val": len(val), "n_test": len(test)},  # fmt: skip
+            "data": {
+                "name": args.data.name,
+                "fit_split": "train",
+                "cutoff_split": "val",
+                **{f"n_{key}": len(sets[key]["names"]) for key in ("train", "val", "test")},
+            },
             "distances": {
                 key: {"median": float(np.median(d)), "min": float(d.min()), "max": float(d.max())}
-                for key, d in {"val": val_d, **dist}.items()
+                for key, d in dist.items()
                 if len(d)
             },
             "refusals": measured,
+            "refusals_source_held_out": held_out_sources(sets, args.percentile, margin),
             "development_set": "python -m train.nonxray (scikit-image samples, documents, charts, drawings, noise, "
-            "gradients, checkerboards, CT/MRI/ultrasound-like renderings); tune half chooses the margin, "
-            "measure half is only reported",
+            "gradients, checkerboards, CT/MRI/ultrasound-like renderings); the tune half chooses the margin, "
+            "the measure half is only reported",
             "encoder_weights": f"{ENCODER} ImageNet (covidtl.models registry), not stored here",
             "command": "python -m train.scope " + " ".join(sys.argv[1:]),
             "created": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
@@ -124,12 +182,6 @@ def fit(args: argparse.Namespace) -> dict:
     )
     save_gate(gate, args.out)
     return gate.card
-
-
-def small_rgb_array(image: np.ndarray) -> np.ndarray:
-    from PIL import Image
-
-    return small_rgb(Image.fromarray(image))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,15 +194,18 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--examples", type=Path, default=EXAMPLES_DIR, help="the app's example films (none refused)")
     f.add_argument("--percentile", type=float, default=99.0)
     f.add_argument("--margin", default="auto", help="cutoff = margin x percentile; a number or 'auto'")
-    f.add_argument("--max-margin", type=float, default=1.5, help="largest margin 'auto' may choose")
+    f.add_argument("--max-margin", type=float, default=2.5, help="largest margin 'auto' may choose")
     f.add_argument("--tune-refusal", type=float, default=1.0, help="share of the tune half 'auto' keeps refused")
     f.add_argument("--seed", type=int, default=0, help="seed of the development set")
     f.add_argument("--threads", type=int, default=2)
+    f.add_argument("--features-cache", type=Path, help="npz of every image's features: made once, then reused")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     card = fit(args)
     for key, value in card["refusals"].items():
         print(f"{key}: refused {value['refused']}/{value['n']}")
+    for source, value in card["refusals_source_held_out"].items():
+        print(f"{source} films, gate fitted without them: refused {value['refused']}/{value['n']}")
     print(f"cutoff {card['cutoff']:.1f} ({card['cutoff_rule']}); saved in {args.out}")
     return 0
 
