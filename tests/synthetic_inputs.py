@@ -143,7 +143,7 @@ def scope_training_films(n: int = 24) -> list[np.ndarray]:
     ]
 
 
-def synthetic_gate(margin: float = 1.5):
+def synthetic_gate(margin: float = 3.0):
     """An input check fitted on `xray_like` films with the ImageNet encoder: `xray_like`
     images are in scope, other kinds of images are far. Skips when the encoder's ImageNet
     weights are not installed."""
