@@ -280,7 +280,8 @@ def classify(
     scope, scope_ms = _check_scope(gate, image)
     if not scope.in_scope:
         timing = f"Input check {scope_ms:.0f} ms · total {1000.0 * (time.perf_counter() - start):.0f} ms."
-        return label_data(None), decision_markdown(predictor.name, None, scope.reason), _for_display(image), None, timing, None
+        refusal = decision_markdown(predictor.name, None, scope.reason)
+        return label_data(None), refusal, _for_display(image), None, timing, None
     x = predictor.preprocess(image)
     prediction = predictor.predict(x)
     cam_start = time.perf_counter()
@@ -289,8 +290,8 @@ def classify(
     view = predictor.view(image)
     total_ms = 1000.0 * (time.perf_counter() - start)
     timing = (
-        f"Input check {scope_ms:.0f} ms · prediction {prediction.latency_ms:.0f} ms · {cam_method} {cam_ms:.0f} ms · "
-        f"total {total_ms:.0f} ms including decoding the file, on {predictor.device}."
+        f"Input check {scope_ms:.0f} ms · prediction {prediction.latency_ms:.0f} ms · "
+        f"{cam_method} {cam_ms:.0f} ms · total {total_ms:.0f} ms including decoding the file, on {predictor.device}."
     )
     return (
         label_data(prediction),

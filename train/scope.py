@@ -75,9 +75,14 @@ def collect(args: argparse.Namespace, encoder: Encoder) -> dict[str, dict]:
         log.info("reading %s/%s", args.data, split)
         raw[split] = _split(args.data, split)
     examples = sorted(p for p in args.examples.glob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
-    raw["examples"] = ([p.name for p in examples], ["example"] * len(examples), [small_rgb(load_image(p)) for p in examples])
+    raw["examples"] = (
+        [p.name for p in examples],
+        ["example"] * len(examples),
+        [small_rgb(load_image(p)) for p in examples],
+    )
     for half, items in split_halves(args.seed).items():
-        raw[half] = ([n for _, n, _ in items], [k for k, _, _ in items], [small_rgb(Image.fromarray(im)) for _, _, im in items])
+        pixels = [small_rgb(Image.fromarray(image)) for _, _, image in items]
+        raw[half] = ([name for _, name, _ in items], [kind for kind, _, _ in items], pixels)
     out = {}
     for key, (names, kinds, pixels) in raw.items():
         log.info("features of %s (%d images)", key, len(pixels))
@@ -94,7 +99,10 @@ def collect(args: argparse.Namespace, encoder: Encoder) -> dict[str, dict]:
     return out
 
 
-def _margin(gate: ScopeGate, base: float, tune: dict, distances: np.ndarray, args: argparse.Namespace) -> tuple[float, str]:
+def _margin(
+    gate: ScopeGate, base: float, tune: dict, distances: np.ndarray, args: argparse.Namespace
+) -> tuple[float, str]:
+    """The cutoff's margin over `base` (see the module docstring) and the rule in words."""
     if args.margin != "auto":
         margin = float(args.margin)
         return margin, f"{margin:g} x the {args.percentile:g}th percentile of validation distances"
