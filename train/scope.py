@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
@@ -184,7 +183,11 @@ def fit(args: argparse.Namespace) -> dict:
             "gradients, checkerboards, CT/MRI/ultrasound-like renderings); the tune half chooses the margin, "
             "the measure half is only reported",
             "encoder_weights": f"{ENCODER} ImageNet (covidtl.models registry), not stored here",
-            "command": "python -m train.scope " + " ".join(sys.argv[1:]),
+            "command": (  # what decides the result; no machine paths (output, cache)
+                f"python -m train.scope fit --data {args.data.name} --percentile {args.percentile:g} "
+                f"--margin {args.margin} --max-margin {args.max_margin:g} --tune-refusal {args.tune_refusal:g} "
+                f"--seed {args.seed}"
+            ),
             "created": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         }
     )
