@@ -376,28 +376,33 @@ def compare(store: ModelStore, gate: ScopeGate, file: str | None, cam_method: st
 
 
 class OutputFiles:
-    """Image outputs written as new, uniquely named PNG files.
+    """Outputs written as new, uniquely named files: PNG images and gr.Label JSON.
 
     Gradio writes an array or PIL output to a content-addressed cache path with a plain
     write, so two users who get the same image at the same moment can download a
     half-written file (the load test saw an empty one). File outputs are instead copied
-    into the cache atomically. Our files are needed only until gradio has copied them, so
-    files older than `max_age_s` are removed on each write. The folder is made on first use.
+    into the cache atomically. Our files are needed only until gradio has copied them (or,
+    for a label, read it), so files older than `max_age_s` are removed on each write. The
+    folder is made on first use.
     """
 
     def __init__(self, max_age_s: float = 600.0) -> None:
         self.max_age_s = max_age_s
         self.folder: Path | None = None
 
-    def png(self, image: Image.Image | np.ndarray) -> str:
+    def _new(self, suffix: str) -> tuple[int, str]:
+        """A new file (descriptor, path) ending in `suffix`, after sweeping old files."""
         if self.folder is None:
             self.folder = Path(tempfile.mkdtemp(prefix="covidtl-outputs-"))
         cutoff = time.time() - self.max_age_s
-        for old in self.folder.glob("*.png"):
+        for old in self.folder.iterdir():
             with contextlib.suppress(FileNotFoundError):  # another request swept it first
                 if old.stat().st_mtime < cutoff:
                     old.unlink()
-        fd, path = tempfile.mkstemp(dir=self.folder, suffix=".png")
+        return tempfile.mkstemp(dir=self.folder, suffix=suffix)
+
+    def png(self, image: Image.Image | np.ndarray) -> str:
+        fd, path = self._new(".png")
         with os.fdopen(fd, "wb") as f:
             (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(f, format="PNG")
         return path
@@ -409,9 +414,7 @@ class OutputFiles:
         """`payload` ({"label", "confidences"} from `covidtl.decision.label_data`) as a JSON
         file: gr.Label takes one as it is, while from a dict it would make the larger class
         the label instead of the decision."""
-        if self.folder is None:
-            self.folder = Path(tempfile.mkdtemp(prefix="covidtl-outputs-"))
-        fd, path = tempfile.mkstemp(dir=self.folder, suffix=".json")
+        fd, path = self._new(".json")
         with os.fdopen(fd, "w") as f:
             json.dump(payload, f)
         return path

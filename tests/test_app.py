@@ -406,3 +406,8 @@ def test_output_files_are_unique_and_old_ones_are_swept(tmp_path):
     os.utime(first, (0, 0))  # make it look an hour old: the next write removes it
     third = files.png(np.stack([image] * 3, axis=-1))
     assert not Path(first).exists() and Path(second).exists() and Path(third).exists()
+    label = files.label({"label": "Negative", "confidences": []})
+    assert json.loads(Path(label).read_text())["label"] == "Negative"
+    os.utime(label, (0, 0))  # old labels are swept too
+    files.png(Image.fromarray(image))
+    assert not Path(label).exists()
