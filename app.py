@@ -27,6 +27,7 @@ import contextlib
 import functools
 import html
 import inspect
+import json
 import logging
 import os
 import tempfile
@@ -40,8 +41,17 @@ import numpy as np
 from PIL import Image
 
 from covidtl.cards import card_markdown, card_plots
-from covidtl.classes import CLASSES, DISPLAY_NAMES, POSITIVE_NAME
+from covidtl.classes import CLASSES, POSITIVE_NAME
 from covidtl.data import IMAGE_EXTENSIONS
+from covidtl.decision import (
+    OUT_OF_SCOPE,
+    decision_label,
+    decision_markdown,
+    is_baseline,
+    is_default,
+    label_data,
+    rank_models,
+)
 from covidtl.explain import CAM_METHODS, DEFAULT_METHOD, overlay
 from covidtl.inference import (
     MAX_UPLOAD_BYTES,
@@ -52,6 +62,7 @@ from covidtl.inference import (
     Predictor,
     load_upload,
 )
+from covidtl.scope import ScopeGate, ScopeResult, gate_for
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_WEIGHTS_DIR = HERE / "weights"
@@ -79,8 +90,13 @@ tell COVID-19 positive from negative chest X-rays, and shows class activation ma
   markers, the patient's age (DeGrave et al., *Nature Machine Intelligence* 2021). In the
   COVIDx data most negatives are children's X-rays and every positive is an adult's. A heatmap
   on the shoulders, the edges or a text label instead of the lungs is a warning sign.
-- Each model flags {POSITIVE_NAME} when P({POSITIVE_NAME}) reaches its own operating threshold,
-  chosen on validation data (see the Models tab for how, and for per-source results).
+- The label is the model's decision at its own operating threshold, chosen on validation
+  data (see the Models tab for how, and for per-source results): {POSITIVE_NAME} when
+  P({POSITIVE_NAME}) reaches the threshold, else Negative, whichever class is larger.
+- Every image is checked first: the models learned from frontal chest X-rays only, so a
+  colour photo, a near-uniform image or an image far from the training films is labelled
+  **{OUT_OF_SCOPE}**, with the reason, and gets no decision and no confidences. The check
+  can pass an unusual image or refuse an unusual film; it is a guard, not a guarantee.
 - The heatmap covers the center crop the model sees, not the borders of the uploaded image.
 
 ### Use it from code
@@ -89,6 +105,7 @@ from gradio_client import Client, handle_file
 client = Client("http://127.0.0.1:7860/")
 label, decision, image, heatmap, timing = client.predict(
     handle_file("xray.png"), "MODEL_NAME", "Grad-CAM", 0.4, api_name="/classify")
+label["label"]  # "COVID-19" or "Negative" at the model's threshold, or "{OUT_OF_SCOPE}"
 table, gallery, ensemble = client.predict(handle_file("xray.png"), "Grad-CAM", api_name="/compare")
 ```
 
@@ -96,6 +113,22 @@ table, gallery, ensemble = client.predict(handle_file("xray.png"), "Grad-CAM", a
 `{TRAIN_COMMAND}` exports `weights/<name>.safetensors` and its card `weights/<name>.json`.
 Uploads are limited to {MAX_UPLOAD_BYTES // 2**20} MiB. Uploads are kept only as temporary
 files, deleted after an hour; no run history is saved, and the app sends no telemetry.
+"""
+
+EXAMPLES_CREDITS = """
+### Example images
+The four examples are real chest X-rays, converted to 8-bit grey and resized to 512 px
+(`assets/examples/CREDITS.md` gives each file's origin):
+- `nih-no-finding-00002371_010.jpg`, `nih-pneumonia-00005638_000.jpg` (both labelled negative):
+  NIH ChestX-ray14, courtesy of the NIH Clinical Center (https://nihcc.app.box.com/v/ChestXray-NIHCC).
+  Wang X, Peng Y, Lu L, Lu Z, Bagheri M, Summers RM. ChestX-ray8: Hospital-scale Chest X-ray Database
+  and Benchmarks on Weakly-Supervised Classification and Localization of Common Thorax Diseases.
+  IEEE CVPR 2017, pp. 2097-2106.
+- `cohen-covid19-5782ae15.jpg`, `cohen-covid19-ec083e35.jpg` (both COVID-19): COVID-19 Image
+  Repository, Institute for Diagnostic and Interventional Radiology, Hannover Medical School,
+  Hannover, Germany, DOI 10.6084/m9.figshare.12275009
+  (https://github.com/ml-workgroup/covid-19-image-repository), licensed CC BY 3.0; via the
+  COVID-19 image data collection, Cohen JP et al., arXiv:2006.11988, 2020.
 """
 
 CSS = """
@@ -124,23 +157,14 @@ def no_models_markdown(weights_dir: Path, skipped: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def decision_markdown(model_name: str, prediction: Prediction) -> str:
-    """The decision at the model's operating threshold, in words."""
-    p, t = prediction.p_positive, prediction.threshold
-    if prediction.decision:
-        verdict = f"**{POSITIVE_NAME} flagged** by `{model_name}`: P({POSITIVE_NAME}) = {p:.3f} is at or above"
-    else:
-        verdict = f"**Not flagged** by `{model_name}`: P({POSITIVE_NAME}) = {p:.3f} is below"
-    return f"{verdict} the model's operating threshold {t:.3f}. A research model's output, not a diagnosis."
-
-
-def agreement_markdown(names: list[str], predictions: list[Prediction]) -> str:
-    """Ensemble mean probability and whether the models agree at their own thresholds."""
+def agreement_markdown(names: list[str], predictions: list[Prediction], left_out: list[str] | None = None) -> str:
+    """Ensemble mean probability over `names` and whether they agree at their own thresholds;
+    `left_out` names the baselines kept out of it."""
     n = len(predictions)
     flagged = [name for name, pred in zip(names, predictions) if pred.decision]
     mean = float(np.mean([pred.p_positive for pred in predictions]))
     if n == 1:
-        agreement = "Only one model is installed, so there is nothing to compare it with."
+        agreement = "Only one model takes part, so there is nothing to compare it with."
     elif len(flagged) == n:
         agreement = f"All {n} models flag {POSITIVE_NAME} at their own thresholds."
     elif not flagged:
@@ -150,10 +174,22 @@ def agreement_markdown(names: list[str], predictions: list[Prediction]) -> str:
             f"The models disagree: {len(flagged)} of {n} flag {POSITIVE_NAME} ({', '.join(flagged)}). "
             "Treat this image as uncertain."
         )
+    baselines = f" Baselines left out: {', '.join(left_out)}." if left_out else ""
     return (
-        f"**Ensemble (unweighted mean) P({POSITIVE_NAME}) = {mean:.3f}.** {agreement} "
+        f"**Ensemble (unweighted mean) P({POSITIVE_NAME}) = {mean:.3f}.** {agreement}{baselines} "
         "The mean has no validated threshold of its own; it is shown for orientation only."
     )
+
+
+def model_choices(store: ModelStore) -> list[tuple[str, str]]:
+    """(shown name, model name) for the dropdown, in `rank_models` order; the default and
+    baselines are marked."""
+    choices = []
+    for name in rank_models(store.cards):
+        card = store.cards[name]
+        mark = " (default)" if is_default(card) else " (baseline)" if is_baseline(card) else ""
+        choices.append((name + mark, name))
+    return choices
 
 
 # --------------------------------------------------------------------------- handlers
@@ -168,6 +204,8 @@ def _user_error(message: str, title: str = "Error") -> gr.Error:
 def _predictor(store: ModelStore, model_name: str | None) -> Predictor:
     if not store.names():
         raise _user_error(f"No models are installed in {store.weights_dir}. Train one with: {TRAIN_COMMAND}")
+    if not model_name:  # the API may leave the model out: the default answers
+        model_name = rank_models(store.cards)[0]
     if model_name not in store.cards:
         raise _user_error(f"Unknown model {model_name!r}; choose one of {', '.join(store.names())}.")
     try:
@@ -205,39 +243,59 @@ def _for_display(image: Image.Image) -> Image.Image:
     return image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
 
 
-def classify(store: ModelStore, file: str | None, model_name: str, cam_method: str, opacity: float):
+def _check_scope(gate: ScopeGate, image: Image.Image) -> tuple[ScopeResult, float]:
+    """The input check's answer and its time in ms."""
+    start = time.perf_counter()
+    result = gate.check(image)
+    return result, 1000.0 * (time.perf_counter() - start)
+
+
+def classify(
+    store: ModelStore,
+    gate: ScopeGate,
+    file: str | None,
+    model_name: str | None,
+    cam_method: str,
+    opacity: float,
+):
     """Classify one chest X-ray with one model and show where the model looked.
 
     Args:
         file: the uploaded chest X-ray: PNG, JPEG, BMP or TIFF (8 or 16 bit) or DICOM.
-        model_name: a model from the weights folder (see the Models tab).
+        model_name: a model from the weights folder (see the Models tab); empty: the default.
         cam_method: heatmap method, e.g. "Grad-CAM" or "Grad-CAM++".
         opacity: heatmap opacity over the image, from 0 to 1.
 
     Returns:
-        Confidence per class; the decision at the model's threshold in words; the image;
-        the heatmap over the part of the image the model sees; the timing.
+        The label {"label", "confidences"}: the decision at the model's threshold,
+        "COVID-19" or "Negative", or "Out of scope" (no confidences) when the input check
+        refuses the image; the decision (or the refusal's reason) in words; the image; the
+        heatmap over the part of the image the model sees (none when refused); the timing.
     """
     start = time.perf_counter()
     predictor = _predictor(store, model_name)
     _check_method(cam_method)
     _check_opacity(opacity)
     image = _load(file, min_side=predictor.resize_side)
+    scope, scope_ms = _check_scope(gate, image)
+    if not scope.in_scope:
+        timing = f"Input check {scope_ms:.0f} ms · total {1000.0 * (time.perf_counter() - start):.0f} ms."
+        refusal = decision_markdown(predictor.name, None, scope.reason)
+        return label_data(None), refusal, _for_display(image), None, timing, None
     x = predictor.preprocess(image)
     prediction = predictor.predict(x)
     cam_start = time.perf_counter()
     heatmap = predictor.explain(x, cam_method)
     cam_ms = 1000.0 * (time.perf_counter() - cam_start)
     view = predictor.view(image)
-    confidences = {DISPLAY_NAMES[name]: p for name, p in prediction.probabilities.items()}
     total_ms = 1000.0 * (time.perf_counter() - start)
     timing = (
-        f"Prediction {prediction.latency_ms:.0f} ms · {cam_method} {cam_ms:.0f} ms · "
-        f"total {total_ms:.0f} ms including decoding the file, on {predictor.device}."
+        f"Input check {scope_ms:.0f} ms · prediction {prediction.latency_ms:.0f} ms · "
+        f"{cam_method} {cam_ms:.0f} ms · total {total_ms:.0f} ms including decoding the file, on {predictor.device}."
     )
     return (
-        confidences,
-        decision_markdown(model_name, prediction),
+        label_data(prediction),
+        decision_markdown(predictor.name, prediction),
         _for_display(image),
         overlay(view, heatmap, opacity),
         timing,
@@ -252,7 +310,10 @@ def reblend(state: dict | None, opacity: float):
     return overlay(state["view"], state["heatmap"], opacity)
 
 
-def compare(store: ModelStore, file: str | None, cam_method: str):
+COMPARE_HEADERS = ["model", f"P({POSITIVE_NAME})", "threshold", "decision", "latency (ms)"]
+
+
+def compare(store: ModelStore, gate: ScopeGate, file: str | None, cam_method: str):
     """Run every installed model on the same chest X-ray.
 
     Args:
@@ -260,8 +321,11 @@ def compare(store: ModelStore, file: str | None, cam_method: str):
         cam_method: heatmap method, e.g. "Grad-CAM" or "Grad-CAM++".
 
     Returns:
-        A table (model, P(COVID-19), decision at its threshold, latency in ms), a gallery
-        of each model's heatmap, and the ensemble mean with whether the models agree.
+        A table (model, P(COVID-19), its threshold, the decision at it: "COVID-19",
+        "Negative" or "Out of scope", latency in ms), the default model first, then by
+        validation AUC, baselines marked; a gallery of each model's heatmap; the ensemble
+        mean over the non-baseline models with whether they agree (or why the image was
+        refused).
     """
     if not store.names():
         raise _user_error(f"No models are installed in {store.weights_dir}. Train one with: {TRAIN_COMMAND}")
@@ -269,67 +333,98 @@ def compare(store: ModelStore, file: str | None, cam_method: str):
     predictors = store.load_all()
     if not predictors:
         raise _user_error(f"None of the models in {store.weights_dir} could be loaded; see the Models tab.")
+    order = [name for name in rank_models(store.cards) if name in predictors]
     image = _load(file, min_side=max(p.resize_side for p in predictors.values()))
+    scope, _ = _check_scope(gate, image)
+    shown = {name: name + (" (baseline)" if is_baseline(store.cards[name]) else "") for name in order}
+    if not scope.in_scope:
+        rows = [[shown[name], None, round(predictors[name].threshold, 4), OUT_OF_SCOPE, None] for name in order]
+        return rows, [], decision_markdown("", None, scope.reason)
     tensors: dict[tuple, Any] = {}  # models with the same geometry share one preprocessing
-    rows, gallery, names, predictions = [], [], [], []
-    for name, predictor in predictors.items():
+    rows, gallery, members, predictions, left_out = [], [], [], [], []
+    for name in order:
+        predictor = predictors[name]
         if predictor.geometry not in tensors:
             tensors[predictor.geometry] = predictor.preprocess(image)
         x = tensors[predictor.geometry]
         prediction = predictor.predict(x)  # latency_ms: the forward pass alone, comparable across models
         heatmap = predictor.explain(x, cam_method)
-        verdict = f"{POSITIVE_NAME} flagged" if prediction.decision else "not flagged"
         rows.append(
             [
-                name,
+                shown[name],
                 round(prediction.p_positive, 4),
-                f"{verdict} (threshold {prediction.threshold:.3f})",
+                round(prediction.threshold, 4),
+                decision_label(prediction),
                 round(prediction.latency_ms, 1),
             ]
         )
         gallery.append(
             (
                 overlay(predictor.view(image), heatmap, COMPARE_OPACITY),
-                f"{name}: P({POSITIVE_NAME}) = {prediction.p_positive:.3f}",
+                f"{shown[name]}: P({POSITIVE_NAME}) = {prediction.p_positive:.3f} "
+                f"(threshold {prediction.threshold:.3f}): {decision_label(prediction)}",
             )
         )
-        names.append(name)
-        predictions.append(prediction)
-    return rows, gallery, agreement_markdown(names, predictions)
+        if is_baseline(store.cards[name]):
+            left_out.append(name)
+        else:
+            members.append(name)
+            predictions.append(prediction)
+    if not members:
+        return rows, gallery, "Every installed model is a baseline, so there is no ensemble to show."
+    return rows, gallery, agreement_markdown(members, predictions, left_out)
 
 
 class OutputFiles:
-    """Image outputs written as new, uniquely named PNG files.
+    """Outputs written as new, uniquely named files: PNG images and gr.Label JSON.
 
     Gradio writes an array or PIL output to a content-addressed cache path with a plain
     write, so two users who get the same image at the same moment can download a
     half-written file (the load test saw an empty one). File outputs are instead copied
-    into the cache atomically. Our files are needed only until gradio has copied them, so
-    files older than `max_age_s` are removed on each write. The folder is made on first use.
+    into the cache atomically. Our files are needed only until gradio has copied them (or,
+    for a label, read it), so files older than `max_age_s` are removed on each write. The
+    folder is made on first use.
     """
 
     def __init__(self, max_age_s: float = 600.0) -> None:
         self.max_age_s = max_age_s
         self.folder: Path | None = None
 
-    def png(self, image: Image.Image | np.ndarray) -> str:
+    def _new(self, suffix: str) -> tuple[int, str]:
+        """A new file (descriptor, path) ending in `suffix`, after sweeping old files."""
         if self.folder is None:
             self.folder = Path(tempfile.mkdtemp(prefix="covidtl-outputs-"))
         cutoff = time.time() - self.max_age_s
-        for old in self.folder.glob("*.png"):
+        for old in self.folder.iterdir():
             with contextlib.suppress(FileNotFoundError):  # another request swept it first
                 if old.stat().st_mtime < cutoff:
                     old.unlink()
-        fd, path = tempfile.mkstemp(dir=self.folder, suffix=".png")
+        return tempfile.mkstemp(dir=self.folder, suffix=suffix)
+
+    def png(self, image: Image.Image | np.ndarray) -> str:
+        fd, path = self._new(".png")
         with os.fdopen(fd, "wb") as f:
             (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(f, format="PNG")
         return path
 
+    def png_or_none(self, image: Image.Image | np.ndarray | None) -> str | None:
+        return None if image is None else self.png(image)
 
-def _bind(handler: Callable, store: ModelStore, to_files: Callable[[Any], Any]) -> Callable:
-    """`handler` with its store filled in and its images turned into files by `to_files`;
-    name, docstring and signature kept for the API page. Tests call the handlers directly."""
-    partial = functools.partial(handler, store)
+    def label(self, payload: dict[str, Any]) -> str:
+        """`payload` ({"label", "confidences"} from `covidtl.decision.label_data`) as a JSON
+        file: gr.Label takes one as it is, while from a dict it would make the larger class
+        the label instead of the decision."""
+        fd, path = self._new(".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f)
+        return path
+
+
+def _bind(handler: Callable, store: ModelStore, gate: ScopeGate, to_files: Callable[[Any], Any]) -> Callable:
+    """`handler` with its store and input check filled in and its images turned into files
+    by `to_files`; name, docstring and signature kept for the API page. Tests call the
+    handlers directly."""
+    partial = functools.partial(handler, store, gate)
 
     def bound(*args):
         return to_files(partial(*args))
@@ -356,15 +451,18 @@ def build_demo(
     examples_dir: Path | None = None,
     store: ModelStore | None = None,
     queue_size: int = QUEUE_MAX_SIZE,
+    gate: ScopeGate | None = None,
 ) -> gr.Blocks:
     """The whole app for the models in `weights_dir` (weights loaded on first use, then
     reused) and the example images in `examples_dir` plus `assets/examples/`. Pass `store`
-    to share an existing `ModelStore` of `weights_dir`. At most `queue_size` requests wait
-    for a turn; the next ones are refused with "queue full"."""
+    to share an existing `ModelStore` of `weights_dir`, `gate` for an input check other
+    than `weights_dir/scope/` (`covidtl.scope.gate_for`). At most `queue_size` requests
+    wait for a turn; the next ones are refused with "queue full"."""
     weights_dir = Path(weights_dir)
     store = store if store is not None else ModelStore(weights_dir)
+    gate = gate if gate is not None else gate_for(weights_dir)
     files = OutputFiles()
-    names = store.names()
+    names = rank_models(store.cards)
     examples = example_files(HERE / "assets" / "examples", examples_dir)
 
     # analytics_enabled=False: no telemetry and no version check, whatever the environment says.
@@ -390,7 +488,9 @@ def build_demo(
                             type="filepath",
                             elem_id="upload",
                         )
-                        model = gr.Dropdown(names, value=names[0] if names else None, label="Model", elem_id="model")
+                        model = gr.Dropdown(
+                            model_choices(store), value=names[0] if names else None, label="Model", elem_id="model"
+                        )
                         method = gr.Radio(list(CAM_METHODS), value=DEFAULT_METHOD, label="Heatmap method")
                         opacity = gr.Slider(0.0, 1.0, value=0.4, step=0.05, label="Heatmap opacity")
                         classify_button = gr.Button("Classify", variant="primary", elem_id="classify-button")
@@ -398,7 +498,9 @@ def build_demo(
                             gr.Examples([[path] for path in examples], inputs=[upload], label="Examples")
                     with gr.Column(scale=2):
                         confidences = gr.Label(
-                            label="Confidence per class", num_top_classes=len(CLASSES), elem_id="confidences"
+                            label="Decision at the model's threshold, and confidence per class",
+                            num_top_classes=len(CLASSES),
+                            elem_id="confidences",
                         )
                         decision = gr.Markdown(label="decision", elem_id="decision")
                         with gr.Row():
@@ -414,8 +516,9 @@ def build_demo(
 
             with gr.Tab("Compare", id="compare"):
                 gr.Markdown(
-                    "Runs every installed model on the same image, each at its own operating threshold. "
-                    "Latency is one forward pass on this machine."
+                    "Runs every installed model on the same image, each at its own operating threshold "
+                    "(the default model first, then by validation AUC). Baselines are marked and left out "
+                    "of the ensemble. Latency is one forward pass on this machine."
                 )
                 with gr.Row():
                     with gr.Column(scale=1):
@@ -429,8 +532,8 @@ def build_demo(
                         compare_button = gr.Button("Compare all models", variant="primary", elem_id="compare-button")
                     with gr.Column(scale=2):
                         table = gr.Dataframe(
-                            headers=["model", f"P({POSITIVE_NAME})", "decision", "latency (ms)"],
-                            datatype=["str", "number", "str", "number"],
+                            headers=COMPARE_HEADERS,
+                            datatype=["str", "number", "number", "str", "number"],
                             interactive=False,
                             label="Every model on this image",
                             elem_id="compare-table",
@@ -443,9 +546,9 @@ def build_demo(
             with gr.Tab("Models", id="models"):
                 if not names:
                     gr.Markdown(no_models_markdown(weights_dir, store.skipped))
-                for i, name in enumerate(names):
+                for i, (shown, name) in enumerate(model_choices(store)):
                     card = store.cards[name]
-                    with gr.Accordion(name, open=i == 0):
+                    with gr.Accordion(shown, open=i == 0):
                         gr.Markdown(card_markdown(card))
                         plots = card_plots(card, weights_dir)
                         if plots:
@@ -461,14 +564,19 @@ def build_demo(
                     gr.Markdown("**Not offered:**\n" + "\n".join(f"- `{f}`: {r}" for f, r in store.skipped.items()))
 
             with gr.Tab("About", id="about"):
-                gr.Markdown(ABOUT)
+                gr.Markdown(ABOUT + "\n" + gate.summary() + "\n" + EXAMPLES_CREDITS)
 
         # One image for both tabs. `.change` also follows example clicks; the reverse uses
         # `.upload` (user uploads only), so the two never trigger each other in a loop.
         upload.change(lambda f: f, upload, compare_upload, api_visibility="private")
         compare_upload.upload(lambda f: f, compare_upload, upload, api_visibility="private")
         classify_button.click(
-            _bind(classify, store, lambda out: (*out[:2], files.png(out[2]), files.png(out[3]), *out[4:])),
+            _bind(
+                classify,
+                store,
+                gate,
+                lambda out: (files.label(out[0]), out[1], files.png(out[2]), files.png_or_none(out[3]), *out[4:]),
+            ),
             inputs=[upload, model, method, opacity],
             outputs=[confidences, decision, original, heatmap, timing, cam_state],
             api_name="classify",
@@ -480,7 +588,7 @@ def build_demo(
             api_visibility="private",
         )
         compare_button.click(
-            _bind(compare, store, lambda out: (out[0], [(files.png(im), cap) for im, cap in out[1]], out[2])),
+            _bind(compare, store, gate, lambda out: (out[0], [(files.png(im), cap) for im, cap in out[1]], out[2])),
             inputs=[compare_upload, compare_method],
             outputs=[table, gallery, ensemble],
             api_name="compare",

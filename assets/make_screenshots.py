@@ -1,11 +1,10 @@
 """Screenshot every tab of the running app for the README: assets/screenshot-<tab>.png.
 
     python assets/make_screenshots.py                      # models from weights/
-    python assets/make_screenshots.py --weights-dir DIR --image assets/examples/synthetic-phantom.png
-    python assets/make_screenshots.py --write-phantom assets/examples/synthetic-phantom.png
+    python assets/make_screenshots.py --weights-dir DIR --image assets/examples/nih-no-finding-00002371_010.jpg
 
-Starts ``python app.py`` on a free local port, uploads `--image` (by default the synthetic
-phantom, regenerated if absent), classifies and compares it in Debian's Chromium driven by
+Starts ``python app.py`` on a free local port, uploads `--image` (by default one of the
+real example films in assets/examples, credited in assets/examples/CREDITS.md), classifies and compares it in Debian's Chromium driven by
 playwright (``apt-get install -y chromium``, ``pip install playwright``; never
 ``playwright install``), and saves one full-page screenshot per tab. Only images that may
 be redistributed belong in the screenshots: see assets/README.md.
@@ -22,12 +21,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageDraw, ImageFont
-
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "assets"
-PHANTOM = ASSETS / "examples" / "synthetic-phantom.png"
+DEFAULT_IMAGE = ASSETS / "examples" / "cohen-covid19-5782ae15.jpg"
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
@@ -38,20 +34,6 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 TIMEOUT_MS = 120_000
-
-
-def synthetic_phantom(size: int = 512) -> Image.Image:
-    """A drawn chest-X-ray-like picture, labelled SYNTHETIC: not a radiograph of anyone."""
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    image = 170.0 - 60.0 * np.hypot(xx - 0.5, yy - 0.45)  # bright body, darker corners
-    for cx in (0.32, 0.68):  # two dark "lungs"
-        image -= 95.0 * np.clip(1.2 - (((xx - cx) / 0.16) ** 2 + ((yy - 0.5) / 0.3) ** 2), 0, 1)
-    image += 60.0 * (np.abs(xx - 0.5) < 0.035) * (yy > 0.15)  # a bright "spine"
-    picture = Image.fromarray(np.round(np.clip(image, 0, 255) / 4).astype(np.uint8) * 4)  # 64 levels: small PNG
-    draw = ImageDraw.Draw(picture)
-    font = ImageFont.load_default(size=max(12, size // 16))
-    draw.text((size // 2, size - size // 12), "SYNTHETIC - not an X-ray", fill=255, font=font, anchor="ms")
-    return picture
 
 
 def free_port() -> int:
@@ -106,26 +88,17 @@ def shoot(url: str, image: Path, out_dir: Path, chromium: Path) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--weights-dir", type=Path, default=ROOT / "weights")
-    p.add_argument("--image", type=Path, default=PHANTOM, help="redistributable image to upload")
+    p.add_argument("--image", type=Path, default=DEFAULT_IMAGE, help="redistributable image to upload")
     p.add_argument("--out-dir", type=Path, default=ASSETS)
     p.add_argument("--chromium", type=Path, default=Path("/usr/bin/chromium"))
-    p.add_argument("--write-phantom", type=Path, help="only write the synthetic phantom PNG here and exit")
     args = p.parse_args(argv)
 
-    if args.write_phantom:
-        args.write_phantom.parent.mkdir(parents=True, exist_ok=True)
-        synthetic_phantom().save(args.write_phantom)
-        print(f"wrote {args.write_phantom}")
-        return 0
     if not list(args.weights_dir.glob("*.safetensors")):
         print(f"error: no *.safetensors in {args.weights_dir}; train or copy models there first", file=sys.stderr)
         return 2
     if not args.chromium.is_file():
         print(f"error: no Chromium at {args.chromium}; apt-get install -y chromium", file=sys.stderr)
         return 2
-    if args.image == PHANTOM and not PHANTOM.is_file():
-        PHANTOM.parent.mkdir(parents=True, exist_ok=True)
-        synthetic_phantom().save(PHANTOM)
 
     port = free_port()
     command = [

@@ -155,3 +155,50 @@ def launched(demo) -> Iterator[str]:
         yield url
     finally:
         demo.close()
+
+
+def scope_training_films(n: int = 24) -> list[np.ndarray]:
+    """`xray_like` films of several sizes and seeds, half with a bright disk, as RGB [224, 224, 3]."""
+    from covidtl.scope import small_rgb
+
+    return [
+        small_rgb(Image.fromarray(xray_like(64 + 8 * (i % 16), seed=100 + i, bright_disk=i % 2 == 1)))
+        for i in range(n)
+    ]
+
+
+def synthetic_gate(margin: float = 3.0):
+    """An input check fitted on `xray_like` films with the ImageNet encoder: `xray_like`
+    images are in scope, other kinds of images are far. Skips when the encoder's ImageNet
+    weights are not installed."""
+    from covidtl.models import PretrainedWeightsUnavailable
+    from covidtl.scope import Encoder, fit_gate
+
+    films = scope_training_films()
+    try:
+        gate, val = fit_gate(films[::2] + films[1::4], films[3::4], percentile=100.0, margin=margin, encoder=Encoder())
+    except PretrainedWeightsUnavailable as err:
+        pytest.skip(f"no ImageNet weights for the input check's encoder: {err}")
+    return gate
+
+
+def not_xrays(size: int = 160) -> dict[str, np.ndarray]:
+    """Images that are not chest X-rays: a colour picture, a uniform grey, a gradient,
+    noise, a checkerboard, a page of text (uint8, grey [H, W] or RGB [H, W, 3])."""
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(5)
+    yy, xx = np.mgrid[0:size, 0:size]
+    colour = np.stack([xx * 255 // size, yy * 255 // size, np.full_like(xx, 90)], axis=-1).astype(np.uint8)
+    page = Image.new("L", (size, size), 255)
+    draw = ImageDraw.Draw(page)
+    for row in range(8, size - 8, 14):
+        draw.text((6, row), "lorem ipsum dolor sit amet", fill=0)
+    return {
+        "colour": colour,
+        "uniform": np.full((size, size), 120, dtype=np.uint8) + (xx % 2 == 0).astype(np.uint8),
+        "gradient": (xx * 255 // size).astype(np.uint8),
+        "noise": rng.integers(0, 256, (size, size), dtype=np.uint8),
+        "checkerboard": np.where((yy // 20 + xx // 20) % 2 == 0, 30, 220).astype(np.uint8),
+        "text": np.asarray(page),
+    }

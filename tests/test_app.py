@@ -22,18 +22,23 @@ from synthetic_inputs import (
     launch,
     launched,
     make_dicom,
+    not_xrays,
     offline_client,
     save_png,
+    synthetic_gate,
     xray_like,
 )
 
 import app
 from covidtl import cards
 from covidtl.classes import DISPLAY_NAMES
+from covidtl.decision import OUT_OF_SCOPE
 from covidtl.inference import ModelStore, Prediction, load_upload
+from covidtl.scope import ScopeGate
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = set(DISPLAY_NAMES.values())
+CHEAP = ScopeGate()  # the input check without a fitted distance: colour and near-uniform images only
 
 FULL_REPORT = {
     "threshold": 0.42,
@@ -113,10 +118,16 @@ def images(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def served(weights, store, tmp_path_factory):
+def gate() -> ScopeGate:
+    """Fitted on `xray_like` films: those are in scope, `not_xrays` are not."""
+    return synthetic_gate()
+
+
+@pytest.fixture(scope="module")
+def served(weights, store, gate, tmp_path_factory):
     examples = tmp_path_factory.mktemp("examples")
     save_png(xray_like(64, seed=9), examples / "synthetic-example.png")
-    with launched(app.build_demo(weights, examples, store=store)) as url:
+    with launched(app.build_demo(weights, examples, store=store, gate=gate)) as url:
         yield url
 
 
@@ -129,25 +140,30 @@ def client(served) -> Client:
 
 
 def test_classify_handler(store, images):
-    confidences, decision, original, heatmap, timing, state = app.classify(
-        store, str(images["png"]), "always", "Grad-CAM", 0.5
+    label, decision, original, heatmap, timing, state = app.classify(
+        store, CHEAP, str(images["png"]), "always", "Grad-CAM", 0.5
     )
+    confidences = {c["label"]: c["confidence"] for c in label["confidences"]}
     assert set(confidences) == LABELS and sum(confidences.values()) == pytest.approx(1.0)
-    assert "COVID-19 flagged" in decision and "`always`" in decision and "threshold 0.000" in decision
+    assert label["label"] == "COVID-19"  # threshold 0: flagged whichever class is larger
+    assert decision.startswith("**COVID-19** by `always`") and "threshold 0.000" in decision
     assert original.size == (160, 160)
     assert heatmap.shape == (224, 224, 3) and heatmap.dtype == np.uint8
     assert "ms" in timing and "Grad-CAM" in timing
     assert app.reblend(state, 0.0).tolist() == state["view"].tolist()
     assert app.reblend(None, 0.3) is None
-    _, decision, *_ = app.classify(store, str(images["png"]), "never", "Eigen-CAM", 0.5)
-    assert decision.startswith("**Not flagged**")
+    label, decision, *_ = app.classify(store, CHEAP, str(images["png"]), "never", "Eigen-CAM", 0.5)
+    assert label["label"] == "Negative" and decision.startswith("**Negative** by `never`")
+    label, *_ = app.classify(store, CHEAP, str(images["png"]), None, "Grad-CAM", 0.5)  # no model: the default
+    assert label["label"] == "COVID-19"
 
 
 def test_compare_handler(store, images):
-    rows, gallery, ensemble = app.compare(store, str(images["dicom_mono1"]), "Grad-CAM++")
+    rows, gallery, ensemble = app.compare(store, CHEAP, str(images["dicom_mono1"]), "Grad-CAM++")
     assert [row[0] for row in rows] == store.names()
-    assert [row[2].split(" (")[0] for row in rows] == ["COVID-19 flagged", "not flagged"]
-    assert all(0.0 <= row[1] <= 1.0 and row[3] > 0 for row in rows)
+    assert [row[3] for row in rows] == ["COVID-19", "Negative"]
+    assert [row[2] for row in rows] == [0.0, 1.01]  # each model's threshold beside its probability
+    assert all(0.0 <= row[1] <= 1.0 and row[4] > 0 for row in rows)
     assert len(gallery) == 2 and gallery[0][0].shape == (224, 224, 3)
     assert "disagree" in ensemble and "1 of 2" in ensemble and "mean" in ensemble
 
@@ -167,18 +183,18 @@ def test_agreement_sentences():
 @pytest.mark.parametrize("key, words", [("empty", "empty"), ("text", "not an image"), ("truncated", "truncated")])
 def test_bad_input_raises_a_readable_gr_error(store, images, key, words):
     with pytest.raises(gr.Error, match=words):
-        app.classify(store, str(images[key]), "always", "Grad-CAM", 0.4)
+        app.classify(store, CHEAP, str(images[key]), "always", "Grad-CAM", 0.4)
     with pytest.raises(gr.Error, match=words):
-        app.compare(store, str(images[key]), "Grad-CAM")
+        app.compare(store, CHEAP, str(images[key]), "Grad-CAM")
 
 
 def test_bad_choices_raise_gr_error(store, images):
     with pytest.raises(gr.Error, match="no file"):
-        app.classify(store, None, "always", "Grad-CAM", 0.4)
+        app.classify(store, CHEAP, None, "always", "Grad-CAM", 0.4)
     with pytest.raises(gr.Error, match="Unknown model"):
-        app.classify(store, str(images["png"]), "nope", "Grad-CAM", 0.4)
+        app.classify(store, CHEAP, str(images["png"]), "nope", "Grad-CAM", 0.4)
     with pytest.raises(gr.Error, match="heatmap method"):
-        app.classify(store, str(images["png"]), "always", "Magic", 0.4)
+        app.classify(store, CHEAP, str(images["png"]), "always", "Magic", 0.4)
 
 
 def test_card_markdown_renders_metrics_sources_and_provenance(store):
@@ -213,7 +229,7 @@ def test_empty_weights_folder_explains_how_to_get_models(tmp_path, images):
     texts = " ".join(str(block.value) for block in demo.blocks.values() if isinstance(block, gr.Markdown))
     assert app.TRAIN_COMMAND in texts and "No models found" in texts
     with pytest.raises(gr.Error, match="python -m train"):
-        app.classify(ModelStore(tmp_path / "weights"), str(images["png"]), None, "Grad-CAM", 0.4)
+        app.classify(ModelStore(tmp_path / "weights"), CHEAP, str(images["png"]), None, "Grad-CAM", 0.4)
     url = launch(demo)
     try:
         config = httpx.get(f"{url}config", timeout=120).text
@@ -268,15 +284,16 @@ def test_classify_through_the_client(client, store, images, key):
     assert {c["label"] for c in label["confidences"]} == LABELS
     expected = store.get("always").predict(load_upload(images[key])).p_positive
     assert _p_covid(label) == pytest.approx(expected, abs=1e-5)
-    assert "COVID-19 flagged" in decision and "ms" in timing
+    assert label["label"] == "COVID-19" and "**COVID-19**" in decision and "ms" in timing
     assert np.asarray(Image.open(heatmap)).shape[:2] == (224, 224)
     assert Path(original).is_file()
 
 
 def test_compare_through_the_client(client, images):
     table, gallery, ensemble = client.predict(handle_file(str(images["png"])), "Grad-CAM", api_name="/compare")
-    assert table["headers"] == ["model", "P(COVID-19)", "decision", "latency (ms)"]
+    assert table["headers"] == ["model", "P(COVID-19)", "threshold", "decision", "latency (ms)"]
     assert [row[0] for row in table["data"]] == ["always", "never"]
+    assert [row[3] for row in table["data"]] == ["COVID-19", "Negative"]
     assert len(gallery) == 2 and all(Path(item["image"]).is_file() for item in gallery)
     assert "Ensemble" in ensemble
 
@@ -308,10 +325,24 @@ def test_concurrent_requests_get_their_own_answers(client, store, tmp_path):
         assert hook_count(store.get(name).model) == 0
 
 
-def test_real_images_through_the_client(client, covidx_mini):
-    for path in sorted((covidx_mini / "test").iterdir())[:2]:
-        label, decision, *_ = client.predict(handle_file(str(path)), "always", "Grad-CAM", 0.4, api_name="/classify")
-        assert 0.0 <= _p_covid(label) <= 1.0 and "flagged" in decision
+@pytest.mark.parametrize("kind", list(not_xrays()))
+def test_images_that_are_not_chest_xrays_are_out_of_scope_through_the_client(client, tmp_path, kind):
+    path = save_png(not_xrays()[kind], tmp_path / f"{kind}.png")
+    label, decision, original, heatmap, timing = client.predict(
+        handle_file(str(path)), "always", "Grad-CAM", 0.4, api_name="/classify"
+    )
+    assert label["label"] == OUT_OF_SCOPE and not label["confidences"]  # no decision, no confidences
+    assert decision.startswith(f"**{OUT_OF_SCOPE}: no decision.**") and heatmap is None
+    words = {"colour": "colour photo, not a radiograph", "uniform": "nearly uniform"}
+    assert words.get(kind, "far from the chest X-rays these models learned from") in decision
+    table, gallery, ensemble = client.predict(handle_file(str(path)), "Grad-CAM", api_name="/compare")
+    assert [row[3] for row in table["data"]] == [OUT_OF_SCOPE] * 2 and not gallery and OUT_OF_SCOPE in ensemble
+
+
+def test_classify_without_a_model_uses_the_default(client):
+    info = client.view_api(return_format="dict", print_info=False)
+    model = next(p for p in info["named_endpoints"]["/classify"]["parameters"] if p["parameter_name"] == "model_name")
+    assert model["parameter_has_default"] and model["parameter_default"] == "always"
 
 
 def test_named_endpoints_have_docstrings(client):
@@ -383,3 +414,8 @@ def test_output_files_are_unique_and_old_ones_are_swept(tmp_path):
     os.utime(first, (0, 0))  # make it look an hour old: the next write removes it
     third = files.png(np.stack([image] * 3, axis=-1))
     assert not Path(first).exists() and Path(second).exists() and Path(third).exists()
+    label = files.label({"label": "Negative", "confidences": []})
+    assert json.loads(Path(label).read_text())["label"] == "Negative"
+    os.utime(label, (0, 0))  # old labels are swept too
+    files.png(Image.fromarray(image))
+    assert not Path(label).exists()

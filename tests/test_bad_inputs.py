@@ -26,9 +26,11 @@ from synthetic_inputs import export_tiny_model, launched, offline_client
 import app
 from covidtl.classes import DISPLAY_NAMES
 from covidtl.inference import MAX_UPLOAD_BYTES, ModelStore
+from covidtl.scope import ScopeGate
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = set(DISPLAY_NAMES.values())
+CHEAP = ScopeGate()  # the input check of an app without a fitted one: colour and near-uniform only
 TRACE_SIGNS = re.compile(r"Traceback|File \"|site-packages|line \d+, in|\.py\b")
 
 
@@ -90,7 +92,8 @@ def test_the_corpus_covers_at_least_30_kinds_with_stated_outcomes():
 
 
 def _check_classify_result(outputs, size: tuple[int, int]) -> None:
-    confidences, decision, original, heatmap, timing, _ = outputs
+    label, decision, original, heatmap, timing, _ = outputs
+    confidences = {c["label"]: c["confidence"] for c in label["confidences"]}
     assert set(confidences) == LABELS and sum(confidences.values()) == pytest.approx(1.0)
     assert all(np.isfinite(p) for p in confidences.values())
     assert "threshold" in decision and "ms" in timing
@@ -102,25 +105,25 @@ def _check_classify_result(outputs, size: tuple[int, int]) -> None:
 def test_handlers_give_the_stated_outcome_then_serve_a_good_request(store, corpus, good, name):
     case, path = BY_NAME[name], str(corpus[name])
     if case.outcome == RESULT:
-        _check_classify_result(app.classify(store, path, "alpha", "Grad-CAM", 0.4), case.size)
-        rows, gallery, ensemble = app.compare(store, path, "Grad-CAM")
+        _check_classify_result(app.classify(store, CHEAP, path, "alpha", "Grad-CAM", 0.4), case.size)
+        rows, gallery, ensemble = app.compare(store, CHEAP, path, "Grad-CAM")
         assert [row[0] for row in rows] == ["alpha", "beta"] and len(gallery) == 2 and "Ensemble" in ensemble
     else:
         with pytest.raises(gr.Error) as classified:
-            app.classify(store, path, "alpha", "Grad-CAM", 0.4)
+            app.classify(store, CHEAP, path, "alpha", "Grad-CAM", 0.4)
         with pytest.raises(gr.Error) as compared:
-            app.compare(store, path, "Grad-CAM")
+            app.compare(store, CHEAP, path, "Grad-CAM")
         message = classified.value.message
         assert re.search(case.words, message), message
         assert compared.value.message == message
         assert_no_trace(message)
-    _check_classify_result(app.classify(store, str(good), "beta", "Grad-CAM", 0.4), (128, 128))
+    _check_classify_result(app.classify(store, CHEAP, str(good), "beta", "Grad-CAM", 0.4), (128, 128))
 
 
 def test_opacity_outside_0_to_1_is_refused_by_the_handler(store, good):
     for opacity in (1.5, -0.1, float("nan")):
         with pytest.raises(gr.Error, match="opacity must be a number from 0 to 1"):
-            app.classify(store, str(good), "alpha", "Grad-CAM", opacity)
+            app.classify(store, CHEAP, str(good), "alpha", "Grad-CAM", opacity)
 
 
 # --------------------------------------------------------------------------- launched app

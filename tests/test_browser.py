@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
-from synthetic_inputs import export_tiny_model, launch, save_png, xray_like
+from synthetic_inputs import export_tiny_model, launch, not_xrays, save_png, xray_like
 
 import app
 from assets.make_screenshots import CHROMIUM_ARGS  # the screenshot script's browser, flags and all
@@ -63,7 +63,7 @@ def test_upload_classify_and_compare_in_chromium(page, tmp_path):
     expect(page.locator("#upload")).to_contain_text("synthetic-xray")
     page.locator("#classify-button").click()
     expect(page.locator("#confidences")).to_contain_text("COVID-19", timeout=TIMEOUT_MS)
-    expect(page.locator("#decision")).to_contain_text("flagged")
+    expect(page.locator("#decision")).to_contain_text("at or above the model's operating threshold")
     expect(page.locator("#heatmap img")).to_be_visible()
     expect(page.locator("#timing")).to_contain_text("ms")
     page.screenshot(path=str(tmp_path / "classify.png"), full_page=True)
@@ -91,9 +91,24 @@ def test_bad_file_shows_a_message_in_the_page(page, tmp_path):
 
 def test_shipped_example_can_be_classified(page):
     expect = sync_api.expect
-    page.get_by_text("synthetic-phantom.png").first.click()
-    expect(page.locator("#upload")).to_contain_text("synthetic-phantom")
+    page.get_by_text("nih-no-finding-00002371_010.jpg").first.click()
+    expect(page.locator("#upload")).to_contain_text("nih-no-finding")
+    model = page.locator("#model input")  # the model with threshold 1.01: the label is its decision, Negative
+    model.click()
+    model.fill("never")
+    model.press("Enter")
     page.locator("#classify-button").click()
-    expect(page.locator("#confidences")).to_contain_text("COVID-19", timeout=TIMEOUT_MS)
+    expect(page.locator("#decision")).to_contain_text("by never", timeout=TIMEOUT_MS)
+    expect(page.locator("#confidences")).to_contain_text("Negative")
     page.get_by_role("tab", name="Compare").click()
-    expect(page.locator("#compare-upload")).to_contain_text("synthetic-phantom")
+    expect(page.locator("#compare-upload")).to_contain_text("nih-no-finding")
+
+
+def test_an_image_that_is_not_a_chest_xray_is_out_of_scope_in_the_page(page, tmp_path):
+    expect = sync_api.expect
+    image = save_png(not_xrays()["colour"], tmp_path / "colour-picture.png")
+    page.locator("#upload input[type=file]").set_input_files(str(image))
+    expect(page.locator("#upload")).to_contain_text("colour-picture")
+    page.locator("#classify-button").click()
+    expect(page.locator("#confidences")).to_contain_text("Out of scope", timeout=TIMEOUT_MS)
+    expect(page.locator("#decision")).to_contain_text("a colour photo, not a radiograph")

@@ -43,6 +43,7 @@ import app
 from covidtl import inference
 from covidtl.export import read_card, sha256_file
 from covidtl.inference import ModelLoadError, ModelStore
+from covidtl.scope import ScopeGate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -145,7 +146,7 @@ def test_model_names_with_paths_are_rejected_by_the_handler(booby_trapped, good,
     monkeypatch.setattr(inference.Predictor, "from_file", classmethod(lambda cls, path, *a: opened.append(path)))
     store = ModelStore(weights)
     with pytest.raises(gr.Error, match=r"Unknown model .*; choose one of disguised, good\."):
-        app.classify(store, str(good), name, "Grad-CAM", 0.4)
+        app.classify(store, ScopeGate(), str(good), name, "Grad-CAM", 0.4)
     with pytest.raises(ValueError, match="unknown model"):
         store.get(name)
     assert opened == []  # no path was ever built from the name
@@ -171,7 +172,7 @@ def test_file_routes_serve_uploads_but_nothing_outside_the_app(served, booby_tra
         "/etc/passwd": b"root:",
         str(ROOT / "app.py"): b"gr.Blocks",
         str(ROOT / "covidtl" / "inference.py"): b"class Predictor",
-        str(ROOT / "assets" / "examples" / "synthetic-phantom.png"): b"\x89PNG",
+        str(ROOT / "assets" / "examples" / "cohen-covid19-5782ae15.jpg"): b"\xff\xd8\xff",
         str(weights / "good.safetensors"): b"",
         str(weights / "good.json"): b'"architecture"',
     }
