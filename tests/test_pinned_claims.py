@@ -13,6 +13,7 @@ code it checks:
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -153,3 +154,58 @@ def test_the_predictor_decides_at_the_cards_threshold(threshold, tmp_path):
     assert prediction.threshold == threshold
     assert prediction.decision is (threshold == 0.0)  # every P >= 0; no P below 1 reaches 1
     assert 0 < prediction.p_positive < 1
+
+
+def test_a_probability_equal_to_the_threshold_is_flagged(tmp_path):
+    """Cards: "predict COVID-19 when P(COVID-19) >= threshold"."""
+    image = Image.fromarray(xray_like(64, seed=4))
+    p = Predictor.from_file(export_tiny_model(tmp_path / "a", input_size=64)).predict(image).p_positive
+    at_p = Predictor.from_file(export_tiny_model(tmp_path / "b", input_size=64, threshold=p)).predict(image)
+    assert at_p.p_positive == p and at_p.decision is True
+
+
+# --------------------------------------------------------------------------- README: hardening figures
+
+
+def _readme_number(pattern: str) -> float:
+    found = re.search(pattern, (ROOT / "README.md").read_text())
+    assert found, f"README.md no longer says {pattern!r}"
+    return float(found.group(1))
+
+
+def test_the_readmes_upload_limits_are_the_codes():
+    import app
+    from covidtl import inference
+
+    assert inference.MAX_UPLOAD_BYTES == _readme_number(r"At most (\d+) MiB") * 2**20
+    assert inference.MAX_PIXELS == _readme_number(r"and (\d+)\s+megapixels") * 1e6
+    assert inference.MIN_SIDE == _readme_number(r"at\s+least (\d+) px")
+    assert inference.MAX_ASPECT == _readme_number(r"aspect\s+ratio of at most (\d+):1")
+    assert app.CONCURRENCY_LIMIT == _readme_number(r"At most (\d+) requests run at a time")
+    assert app.QUEUE_MAX_SIZE == _readme_number(r"at most (\d+) wait")
+
+
+@pytest.mark.parametrize(
+    "width, height, accepted",
+    [(32, 32, True), (31, 64, False), (128, 32, True), (132, 32, False), (32, 128, True), (32, 129, False)],
+)
+def test_uploads_are_refused_exactly_past_the_side_and_aspect_limits(width, height, accepted, tmp_path):
+    from covidtl.inference import BadInputError, load_upload
+
+    path = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (height, width), dtype=np.uint8)).save(path)
+    if accepted:
+        assert load_upload(path).size == (width, height)
+    else:
+        with pytest.raises(BadInputError, match="at least 32 pixels on each side and an aspect ratio of at most 4:1"):
+            load_upload(path)
+
+
+def test_an_upload_one_byte_over_the_limit_is_refused_before_reading(tmp_path):
+    from covidtl.inference import MAX_UPLOAD_BYTES, BadInputError, load_upload
+
+    path = tmp_path / "big.png"
+    with open(path, "wb") as f:
+        f.truncate(MAX_UPLOAD_BYTES + 1)  # sparse: nothing is written
+    with pytest.raises(BadInputError, match="over the upload limit of 50 MiB"):
+        load_upload(path)
