@@ -209,3 +209,27 @@ def test_an_upload_one_byte_over_the_limit_is_refused_before_reading(tmp_path):
         f.truncate(MAX_UPLOAD_BYTES + 1)  # sparse: nothing is written
     with pytest.raises(BadInputError, match="over the upload limit of 50 MiB"):
         load_upload(path)
+
+
+# --------------------------------------------------------------------------- shipped cards, real data
+
+
+def test_a_shipped_threshold_is_the_rule_applied_to_validation(covidx_mini):
+    """weights/README.md: "the threshold is each model's operating point, chosen on
+    validation". Recomputed from a shipped model's validation scores (through the app's
+    Predictor), and the card's validation confusion counts follow from it. One model, the
+    smallest (the real films take seconds to decode); the training run's threshold is
+    checked the same way in tests/test_training_claims.py."""
+    from covidtl.data import parse_label_file
+    from covidtl.inference import load_upload
+
+    shipped = list_exported(ROOT / "weights")
+    if not shipped:
+        pytest.skip("no shipped weights in weights/")
+    predictor = Predictor.from_file(min(shipped, key=lambda p: p.stat().st_size))
+    records = parse_label_file(covidx_mini / "val.txt")
+    labels = np.array([r.label for r in records])
+    scores = np.array([predictor.predict(load_upload(covidx_mini / "val" / r.filename)).p_positive for r in records])
+    assert predictor.threshold == pytest.approx(metrics.choose_threshold(labels, scores, 0.90), abs=1e-5)
+    counts = metrics.confusion_counts(labels, (scores >= predictor.threshold).astype(int))
+    assert counts == predictor.card["metrics"]["val"]["confusion"]

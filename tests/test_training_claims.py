@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -169,6 +170,17 @@ def test_training_stops_after_patience_epochs_without_a_gain(run):
             break
     assert stop < EPOCHS, "the run must stop early, else this proves nothing"
     assert len(run.history) == stop
+
+
+def test_each_epoch_is_logged_to_history_csv_and_json(run):
+    with open(run.out / "runs" / NAME / "history.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(row["epoch"]) for row in rows] == [row["epoch"] for row in run.history] == list(
+        range(1, len(run.history) + 1)
+    )
+    for row, logged in zip(rows, run.history):
+        assert float(row["val_auc"]) == pytest.approx(logged["val_auc"])
+        assert float(row["train_loss"]) == pytest.approx(logged["train_loss"])
 
 
 def test_every_epoch_visits_the_training_images_in_another_order(run):
