@@ -229,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         chosen = [m for m in MUTATIONS if m.name in args.only]
     if args.list:
         for m in chosen:
-            print(f"{m.name}\n    {m.file}: {m.original.strip()!r} -> {m.replacement.strip()!r}\n    tests: {' '.join(m.tests)}")
+            print(f"{m.name}\n    {m.file}: {m.original.strip()!r} -> {m.replacement.strip()!r}")
+            print(f"    tests: {' '.join(m.tests)}")
         return 0
 
     results = []
