@@ -7,9 +7,8 @@
 - the exported weights are the best validation epoch's (`best_epoch`), and training stops
   after `early_stopping_patience` epochs without a validation AUC gain;
 - every epoch visits the training images in another order;
-- a run resumed after an interruption logs the uninterrupted run's per-epoch history, also
-  when interrupted after its best epoch (both export the same weights then, so only the
-  history can tell);
+- a run resumed after an interruption after its best epoch logs the uninterrupted run's
+  per-epoch history (both export the same weights then, so only the history can tell);
 - a non-default framing and normalization (crop 0.75, mean 0.45, std 0.3) reach the card,
   and the Predictor built from that card makes training's evaluation tensor for a file.
 """
@@ -195,18 +194,18 @@ def test_every_epoch_visits_the_training_images_in_another_order(run):
 
 
 def test_a_run_resumed_after_its_best_epoch_logs_the_uninterrupted_history(run):
-    best = run.card["best_epoch"]
-    assert best < len(run.history), "the run must go on after its best epoch, else this proves nothing"
-    resumed = _resume(run, best)  # killed in the epoch after the best one
+    """Killed in its last epoch: after the best epoch and with epochs without a gain behind
+    it, so the resumed run must also carry the early-stopping count to stop where the
+    uninterrupted one did."""
+    best, last = run.card["best_epoch"], len(run.history)
+    assert best < last - 1, "the run must go on for two epochs after its best, else this proves nothing"
+    resumed = _resume(run, last - 1)
     _same_history(resumed, run.history)
-    card = json.loads((run.snapshot(best) / "weights" / f"{NAME}.json").read_text())
+    card = json.loads((run.snapshot(last - 1) / "weights" / f"{NAME}.json").read_text())
     assert card["best_epoch"] == best and card["threshold"] == pytest.approx(run.card["threshold"], abs=1e-9)
-
-
-def test_a_run_resumed_after_its_first_epoch_logs_the_uninterrupted_history(run):
-    if run.card["best_epoch"] == 1:  # the same interruption as the test above
-        pytest.skip("best epoch is 1: covered by the resume-after-best test")
-    _same_history(_resume(run, 1), run.history)
+    resumed_weights = load_file(run.snapshot(last - 1) / "weights" / f"{NAME}.safetensors")
+    straight_weights = load_file(run.out / "weights" / f"{NAME}.safetensors")
+    assert all(torch.equal(resumed_weights[k], straight_weights[k]) for k in straight_weights)
 
 
 # --------------------------------------------------------------------------- framing and normalization
