@@ -1,6 +1,6 @@
 """Mutation check: break one important behaviour at a time and see that a test fails.
 
-    python -m tests.mutations                 # every breakage (slow: about half an hour on 2 cores)
+    python -m tests.mutations                 # every breakage (slow: about 15 minutes on 2 cores)
     python -m tests.mutations --list          # names, files and the tests each one runs
     python -m tests.mutations --only NAME     # one (repeat --only for more)
 
