@@ -10,7 +10,8 @@ On generated full-size films (as in question 5), in one run:
     decoding compute_stats without a cache (decodes every file, 2 worker processes),
              for comparison; the cache's one-off build time is printed too
 
-Values must agree within 1e-4. Ratio: seed time / project time, printed last.
+Values must agree within 1e-4, else the script exits with status 1 after its figures.
+Ratio: seed time / project time, printed last.
 
     python -m benchmarks.stats_pass                   # ~2 minutes on 2 cores
 """
@@ -93,6 +94,8 @@ def main(argv: list[str] | None = None) -> float:
     )
     ratio = t["seed"] / t["project"]
     print(f"ratio seed loop / compute_stats time: {ratio:.0f} (target >= {LIMIT:g})")
+    if not gap <= TOLERANCE:  # also catches nan
+        raise SystemExit(f"error: the statistics differ from the seed's by {gap:.1e}, over the tolerance {TOLERANCE:g}")
     return ratio
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from covidtl.audit import border_mask, cam_audit, energy_shares, lung_mask
 from covidtl.data import parse_label_file
@@ -39,3 +40,20 @@ def test_cam_audit_reports_overall_and_per_source(tiny_covidx, seeded):
         assert share is None or 0.0 <= share <= 1.0
     with pytest.raises(ValueError, match="sources"):
         cam_audit(create_model("squeezenet1_1").eval(), spec.cam_layer, loader, ["srcA"])
+
+
+def test_cam_audit_averages_the_shares_of_each_image(monkeypatch):
+    """Heatmaps chosen by hand: a dot in the left lung centre, a dot in a corner, one lung
+    dot weighing 1 beside a corner dot weighing 3, and an empty map (no share at all)."""
+    size = 40
+    lung_dot, corner_dot = np.zeros((size, size)), np.zeros((size, size))
+    lung_dot[size // 2, int(0.30 * size)] = 1.0  # (y, x) of the left lung's centre
+    corner_dot[0, 0] = 1.0
+    maps = iter([lung_dot, corner_dot, lung_dot + 3 * corner_dot, np.zeros((size, size))])
+    monkeypatch.setattr("covidtl.audit.explain", lambda *args, **kwargs: next(maps))
+    loader = [(torch.zeros(2, 3, 8, 8), torch.zeros(2)), (torch.zeros(2, 3, 8, 8), torch.zeros(2))]
+    report = cam_audit(torch.nn.Identity(), "layer", loader, ["a", "a", "b", "b"])
+    assert report["per_source"]["a"] == {"lung_field": 0.5, "border": 0.5}
+    assert report["per_source"]["b"] == {"lung_field": 0.25, "border": 0.75}  # the empty map counts for nothing
+    assert report["mean_energy_share"] == {"lung_field": round(1.25 / 3, 4), "border": round(1.75 / 3, 4)}
+    assert report["n"] == 4 and report["layer"] == "layer"

@@ -21,11 +21,11 @@ from bad_inputs import BY_NAME, CASES, NAMES, REFUSED, RESULT, good_xray, write_
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
-from synthetic_inputs import export_tiny_model, launched, offline_client
+from synthetic_inputs import export_tiny_model, launched, offline_client, xray_like
 
 import app
 from covidtl.classes import DISPLAY_NAMES
-from covidtl.inference import MAX_UPLOAD_BYTES, ModelStore
+from covidtl.inference import MAX_UPLOAD_BYTES, ModelStore, load_upload
 from covidtl.scope import ScopeGate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,6 +73,12 @@ def client(served) -> Client:
     return offline_client(served)
 
 
+def test_the_corpus_has_as_many_kinds_as_the_readme_says():
+    stated = re.search(r"`tests/bad_inputs\.py` generates (\d+) kinds", (ROOT / "README.md").read_text())
+    assert stated, "README.md no longer says how many kinds tests/bad_inputs.py generates"
+    assert len(CASES) == int(stated.group(1)) and len(set(NAMES)) == len(NAMES)
+
+
 def test_the_corpus_covers_at_least_30_kinds_with_stated_outcomes():
     assert len(CASES) >= 30 and len(set(NAMES)) == len(NAMES)
     assert {case.outcome for case in CASES} == {RESULT, REFUSED}
@@ -86,6 +92,18 @@ def test_the_corpus_covers_at_least_30_kinds_with_stated_outcomes():
         "all_white", "dicom_no_pixel_data", "dicom_compressed_no_decoder", "dicom_renamed_png", "over_upload_limit",
     ):  # fmt: skip
         assert required in BY_NAME, required
+
+
+@pytest.mark.parametrize("name", ["dicom_monochrome1", "dicom_renamed_png", "dicom_multiframe"])
+def test_dicom_cases_show_the_film_the_right_way_round(corpus, name):
+    """The corpus stores `xray_like(96, seed=0, bright_disk=True)` in these DICOMs (the first
+    frame of the multi-frame one). MONOCHROME2 shows the stored values as they are;
+    MONOCHROME1 means 0 is white, so the same values must show as their negative."""
+    image = np.asarray(load_upload(corpus[name]).convert("L"), dtype=float)
+    stored = xray_like(96, seed=0, bright_disk=True).astype(float)
+    shown = 255 - stored if name == "dicom_monochrome1" else stored
+    assert image.shape == stored.shape
+    assert np.corrcoef(image.ravel(), shown.ravel())[0, 1] > 0.95, "the film is shown the wrong way round"
 
 
 # --------------------------------------------------------------------------- handlers

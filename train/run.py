@@ -297,6 +297,7 @@ def run(args: argparse.Namespace) -> int:
     if args.resume:
         state = load_checkpoint(run_dir / "last", model, optimizer)
         saved = TrainConfig.defaults() | state["config"]  # keys added since the checkpoint: their defaults
+        saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}  # JSON gave lists (mean, std)
         changed = sorted(k for k, v in config.to_dict().items() if k != "epochs" and saved.get(k) != v)
         if changed:  # only the epoch budget may change on resume
             raise CheckpointError(f"{run_dir}/last was made with other settings ({changed}); resume with the same recipe and flags")

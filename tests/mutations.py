@@ -1,0 +1,273 @@
+"""Mutation check: break one important behaviour at a time and see that a test fails.
+
+    python -m tests.mutations                 # every breakage (slow: about 15 minutes on 2 cores)
+    python -m tests.mutations --list          # names, files and the tests each one runs
+    python -m tests.mutations --only NAME     # one (repeat --only for more)
+
+Each entry of MUTATIONS replaces one exact line fragment (`original`, found exactly once in
+`file`; tests/test_mutations.py checks that in CI, so the list follows the code) with
+`replacement`, in a scratch copy of the repository's tracked files (a temporary folder;
+the working tree is never touched), runs `tests` there, and restores the file. A breakage
+is "caught" when those tests fail, "survived" when they pass; the summary lists which test
+caught each one. Exit status: 1 if any survived (or could not be applied), else 0.
+
+When code moves, re-point an entry: change `file` and `original` to the line's new home.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    file: str  # relative to the repository root
+    original: str  # found exactly once in `file`
+    replacement: str
+    tests: tuple[str, ...]  # pytest node ids or files, relative to the repository root
+
+
+PINNED = "tests/test_pinned_claims.py"
+TRAINING = "tests/test_training_claims.py"
+RUN = "train/run.py"
+
+MUTATIONS = [
+    # ---- Grad-CAM layer
+    Mutation("resnet18 CAM layer -> layer3", "covidtl/models.py",
+             '"fc", "layer4", "layer4"),', '"fc", "layer3", "layer4"),',
+             (f"{PINNED}::test_every_backbone_has_its_expected_cam_layer",)),
+    Mutation("efficientnet_lite0 CAM layer -> blocks.5", "covidtl/models.py",
+             'cam_layer="bn2",', 'cam_layer="blocks.5",',
+             (f"{PINNED}::test_every_backbone_has_its_expected_cam_layer",)),
+    Mutation("Predictor hooks last_stage", "covidtl/inference.py",
+             "return explain(self.model, x, self.spec.cam_layer, method, class_index)",
+             "return explain(self.model, x, self.spec.last_stage, method, class_index)",
+             (f"{PINNED}::test_the_predictor_hooks_the_expected_layer",)),
+    # ---- intervals
+    Mutation("bootstrap level 0.90", "covidtl/metrics.py",
+             "level: float = 0.95,", "level: float = 0.90,",
+             (f"{PINNED}::test_bootstrap_intervals_are_95_percent_intervals",)),
+    Mutation("bootstrap percentiles 5/95", "covidtl/metrics.py",
+             "q = 100.0 * np.array([(1.0 - level) / 2.0, (1.0 + level) / 2.0])", "q = np.array([5.0, 95.0])",
+             (f"{PINNED}::test_bootstrap_intervals_are_95_percent_intervals",)),
+    Mutation("per-source metrics on all images", "covidtl/metrics.py",
+             "metrics, counts = _metric_block(labels[mask], scores[mask], t, n_boot, seed)",
+             "metrics, counts = _metric_block(labels, scores, t, n_boot, seed)",
+             (f"{TRAINING}::test_the_card_test_metrics_are_the_exported_models_at_its_threshold",)),
+    # ---- threshold
+    Mutation("threshold chosen on test", RUN,
+             'threshold = metrics.choose_threshold(scores["val"][0], scores["val"][1],',
+             'threshold = metrics.choose_threshold(scores["test"][0], scores["test"][1],',
+             (f"{TRAINING}::test_the_threshold_is_chosen_on_validation_not_test",)),
+    Mutation("threshold ignores the recipe's min_sensitivity", RUN,
+             'scores["val"][1], min_sensitivity=config.min_sensitivity)', 'scores["val"][1], min_sensitivity=0.90)',
+             (f"{TRAINING}::test_the_threshold_is_chosen_on_validation_not_test",)),
+    Mutation("threshold rule >= -> >", "covidtl/metrics.py",
+             "feasible = sensitivity >= min_sensitivity", "feasible = sensitivity > min_sensitivity",
+             ("tests/test_metrics.py::test_choose_threshold_hand_case",)),
+    Mutation("Predictor ignores the card's threshold", "covidtl/inference.py",
+             'self.threshold = float(card["threshold"])', "self.threshold = 0.5",
+             (f"{PINNED}::test_the_predictor_decides_at_the_cards_threshold",
+              "tests/test_app.py::test_classify_handler")),
+    Mutation("decision > instead of >=", "covidtl/inference.py",
+             "decision=p_positive >= self.threshold,", "decision=p_positive > self.threshold,",
+             (f"{PINNED}::test_a_probability_equal_to_the_threshold_is_flagged",)),
+    # ---- epochs, resume
+    Mutation("per-epoch reseed removed", RUN,
+             "torch.manual_seed(config.seed + epoch)  # with EpochSampler", "pass  # with EpochSampler",
+             (f"{TRAINING}::test_a_run_resumed_after_its_best_epoch_logs_the_uninterrupted_history",)),
+    Mutation("sampler never told the epoch", RUN,
+             "        sampler.set_epoch(epoch)\n", "        pass\n",
+             (f"{TRAINING}::test_every_epoch_visits_the_training_images_in_another_order",)),
+    Mutation("sampler order ignores the epoch", "covidtl/engine.py",
+             "manual_seed(self.seed * 100_003 + self.epoch)", "manual_seed(self.seed * 100_003)",
+             (f"{TRAINING}::test_every_epoch_visits_the_training_images_in_another_order",)),
+    Mutation("best_epoch off by one", RUN,
+             'best_auc, best_epoch, stale = val["auc"], epoch + 1, 0',
+             'best_auc, best_epoch, stale = val["auc"], epoch, 0',
+             (f"{TRAINING}::test_the_exported_weights_are_the_best_validation_epoch",)),
+    Mutation("a tie in val AUC counts as a gain", RUN,
+             'improved = val["auc"] > best_auc', 'improved = val["auc"] >= best_auc',
+             (f"{TRAINING}::test_the_exported_weights_are_the_best_validation_epoch",
+              f"{TRAINING}::test_training_stops_after_patience_epochs_without_a_gain")),
+    Mutation("early stopping one epoch late", RUN,
+             "if stale >= config.early_stopping_patience:", "if stale > config.early_stopping_patience:",
+             (f"{TRAINING}::test_training_stops_after_patience_epochs_without_a_gain",)),
+    Mutation("resume repeats the last epoch", RUN,
+             'history, start_epoch = state["history"], state["epoch"] + 1',
+             'history, start_epoch = state["history"][:-1], state["epoch"]',
+             (f"{TRAINING}::test_a_run_resumed_after_its_best_epoch_logs_the_uninterrupted_history",)),
+    Mutation("resume forgets the stale count", RUN,
+             'state["best_auc"], state["best_epoch"], state["stale"]', 'state["best_auc"], state["best_epoch"], 0',
+             (f"{TRAINING}::test_a_run_resumed_after_its_best_epoch_logs_the_uninterrupted_history",)),
+    # ---- framing and normalization
+    Mutation("Predictor ignores crop_fraction", "covidtl/inference.py",
+             'self.crop_fraction = float(card.get("crop_fraction", DEFAULT_CROP_FRACTION))',
+             "self.crop_fraction = DEFAULT_CROP_FRACTION",
+             (f"{PINNED}::test_the_predictor_sees_the_central_crop_fraction_of_the_image",)),
+    Mutation("eval resize ignores crop_fraction", "covidtl/data.py",
+             "return [v2.Resize(round(input_size / crop_fraction)), v2.CenterCrop(input_size)]",
+             "return [v2.Resize(round(input_size / 0.9)), v2.CenterCrop(input_size)]",
+             (f"{PINNED}::test_the_predictor_sees_the_central_crop_fraction_of_the_image",)),
+    Mutation("training eval at 0.9 whatever the recipe", RUN,
+             "split: eval_loader(records, image_dir, spec.input_size, mean, std, config.crop_fraction,",
+             "split: eval_loader(records, image_dir, spec.input_size, mean, std, 0.9,",
+             (f"{TRAINING}::test_the_threshold_is_chosen_on_validation_not_test",)),
+    Mutation("card records crop 0.9", RUN,
+             '"crop_fraction": config.crop_fraction,', '"crop_fraction": 0.9,',
+             (f"{TRAINING}::test_the_card_records_the_recipes_framing_and_normalization",)),
+    Mutation("Predictor ignores the card's mean", "covidtl/inference.py",
+             'self.mean = tuple(float(m) for m in card["mean"])', "self.mean = self.spec.mean",
+             (f"{PINNED}::test_the_predictor_normalizes_with_the_cards_mean_and_std",
+              f"{TRAINING}::test_training_and_the_predictor_make_the_same_tensor_for_a_file")),
+    Mutation("Predictor ignores the card's std", "covidtl/inference.py",
+             'self.std = tuple(float(s) for s in card["std"])', "self.std = self.spec.std",
+             (f"{PINNED}::test_the_predictor_normalizes_with_the_cards_mean_and_std",)),
+    # ---- inputs
+    Mutation("MONOCHROME1 not inverted", "covidtl/dicom.py",
+             '== "MONOCHROME1":', '== "MONOCHROME0":',
+             ("tests/test_bad_inputs.py::test_dicom_cases_show_the_film_the_right_way_round",)),
+    Mutation("a corpus case dropped", "tests/bad_inputs.py",
+             'Case("bmp", _saver("x.bmp", lambda: Image.fromarray(_xray(96))), RESULT, size=(96, 96)),',
+             "# bmp dropped",
+             ("tests/test_bad_inputs.py::test_the_corpus_has_as_many_kinds_as_the_readme_says",)),
+    Mutation("minimum side 31 px", "covidtl/inference.py",
+             "MIN_SIDE = 32  #", "MIN_SIDE = 31  #",
+             (f"{PINNED}::test_uploads_are_refused_exactly_past_the_side_and_aspect_limits",
+              f"{PINNED}::test_the_readmes_upload_limits_are_the_codes")),
+    # ---- exports
+    Mutation("export checksum check removed", "covidtl/export.py",
+             'if "weights_sha256" in card and sha256_file(path) != card["weights_sha256"]:', "if False:",
+             ("tests/test_export_kill_steps.py",)),
+    # ---- statistics
+    Mutation("statistics off by 1e-3", "covidtl/stats.py",
+             "means = [s / (count * 255.0) for s in total]", "means = [s / (count * 255.0) + 1e-3 for s in total]",
+             ("tests/test_benchmarks.py::test_benchmark_runs_quick_and_prints_its_ratio_last[stats_pass]",)),
+    Mutation("stats_pass tolerance not enforced", "benchmarks/stats_pass.py",
+             "if not gap <= TOLERANCE:", "if False:",
+             ("tests/test_benchmarks.py::test_stats_pass_fails_when_the_statistics_differ_beyond_its_tolerance",)),
+    # ---- audit, app
+    Mutation("audit masks swapped", "covidtl/audit.py",
+             'masks = {"lung_field": lung_mask(heatmap.shape[0]), "border": border_mask(heatmap.shape[0])}',
+             'masks = {"lung_field": border_mask(heatmap.shape[0]), "border": lung_mask(heatmap.shape[0])}',
+             ("tests/test_audit.py::test_cam_audit_averages_the_shares_of_each_image",)),
+    Mutation("audit mean -> max", "covidtl/audit.py",
+             "round(float(np.nanmean(values)), 4)", "round(float(np.nanmax(values)), 4)",
+             ("tests/test_audit.py::test_cam_audit_averages_the_shares_of_each_image",)),
+    Mutation("ensemble max instead of mean", "app.py",
+             "mean = float(np.mean([pred.p_positive for pred in predictions]))",
+             "mean = float(np.max([pred.p_positive for pred in predictions]))",
+             ("tests/test_app.py::test_agreement_sentences",)),
+]  # fmt: skip
+
+
+def check(mutation: Mutation, root: Path = ROOT) -> str | None:
+    """None if `mutation` applies to `root` (original found exactly once), else why not."""
+    path = root / mutation.file
+    if not path.is_file():
+        return f"{mutation.file} does not exist"
+    count = path.read_text().count(mutation.original)
+    if count != 1:
+        return f"{mutation.original!r} is found {count} times in {mutation.file}, not once"
+    if mutation.original == mutation.replacement:
+        return "the replacement changes nothing"
+    return None
+
+
+def scratch_copy(destination: Path) -> None:
+    """Copy the repository's files (tracked, and untracked ones git does not ignore) to `destination`."""
+    command = ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"]
+    listed = subprocess.run(command, cwd=ROOT, capture_output=True, check=True).stdout
+    for name in filter(None, listed.decode().split("\0")):
+        source = ROOT / name
+        if source.is_file():
+            (destination / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, destination / name)
+    shared = ROOT.parent / "shared"
+    if shared.is_dir():  # tests on real data look for ../shared beside the repository
+        (destination.parent / "shared").symlink_to(shared)
+
+
+def run_tests(copy: Path, tests: tuple[str, ...], timeout: float) -> tuple[int, list[str], str]:
+    """(pytest exit status, ids of failed tests, output tail)."""
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           "GRADIO_TEMP_DIR": tempfile.mkdtemp(prefix="gradio-", dir=copy.parent)}  # fmt: skip
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-x", "-rfE", "-p", "no:cacheprovider", *tests],
+            cwd=copy, env=env, capture_output=True, text=True, timeout=timeout,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return -1, [], "timed out"
+    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", proc.stdout, flags=re.MULTILINE)
+    return proc.returncode, failed, (proc.stdout + proc.stderr)[-2000:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tests.mutations", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--list", action="store_true", help="list the breakages and exit")
+    p.add_argument("--only", action="append", metavar="NAME", help="run only this breakage (repeatable)")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per breakage's test run")
+    p.add_argument("--verbose", action="store_true", help="print pytest's output tail for each breakage")
+    args = p.parse_args(argv)
+
+    chosen = MUTATIONS
+    if args.only:
+        unknown = sorted(set(args.only) - {m.name for m in MUTATIONS})
+        if unknown:
+            p.error(f"unknown breakages {unknown}; see --list")
+        chosen = [m for m in MUTATIONS if m.name in args.only]
+    if args.list:
+        for m in chosen:
+            print(f"{m.name}\n    {m.file}: {m.original.strip()!r} -> {m.replacement.strip()!r}")
+            print(f"    tests: {' '.join(m.tests)}")
+        return 0
+
+    results = []
+    with tempfile.TemporaryDirectory(prefix="covidtl-mutations-") as scratch:
+        copy = Path(scratch) / "repo"
+        scratch_copy(copy)
+        for m in chosen:
+            started = time.perf_counter()
+            problem = check(m, copy)
+            if problem:
+                verdict, caught_by = "NOT APPLIED", problem
+            else:
+                path = copy / m.file
+                original = path.read_text()
+                path.write_text(original.replace(m.original, m.replacement))
+                try:
+                    status, failed, tail = run_tests(copy, m.tests, args.timeout)
+                finally:
+                    path.write_text(original)
+                if status == 0:
+                    verdict, caught_by = "SURVIVED", "every test passed"
+                elif status == 1 or failed:
+                    verdict, caught_by = "caught", ", ".join(failed) or "tests failed"
+                else:  # collection error, timeout, no tests run: not a clean catch
+                    verdict, caught_by = "ERROR", f"pytest exit status {status}: {tail.strip().splitlines()[-1:]}"
+                if args.verbose:
+                    print(tail)
+            results.append((m, verdict))
+            print(f"{verdict:11s} {m.name} ({time.perf_counter() - started:.0f} s): {caught_by}", flush=True)
+
+    caught = sum(verdict == "caught" for _, verdict in results)
+    print(f"total: {caught} caught, {len(results) - caught} not caught, of {len(results)} breakages")
+    return 0 if caught == len(results) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
