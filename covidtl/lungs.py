@@ -224,6 +224,45 @@ def crop_to_lungs(image: Image.Image, model: nn.Module, margin: float = CROP_MAR
     return LungCrop(image.crop(box), box, check)
 
 
+def locate_lungs(image: Image.Image, model: nn.Module) -> LungCrop:
+    """`image` kept whole, with its lung mask check (for audits of uncropped models)."""
+    return LungCrop(image, None, check_mask(segment(model, image)))
+
+
+def lungs_in_view(lung_crop: LungCrop, input_size: int, crop_fraction: float) -> np.ndarray | None:
+    """bool [input_size, input_size]: the lungs of `lung_crop` where the classifier sees
+    them (after the crop, if any, then the eval resize and center crop); None when the mask
+    is implausible."""
+    from covidtl.data import eval_geometry
+
+    if not lung_crop.check.plausible:
+        return None
+    lungs = lung_crop.check.lungs
+    if lung_crop.box is not None:
+        left, top, right, bottom = lung_crop.box
+        lungs = lungs[top:bottom, left:right]
+    framed = eval_geometry(input_size, crop_fraction)
+    mask = Image.fromarray(lungs.astype(np.uint8) * 255)
+    for step in framed:
+        mask = step(mask)
+    return np.asarray(mask) >= 128
+
+
+def view_lung_masks(
+    paths: Sequence[Path], model: nn.Module, input_size: int, crop_fraction: float, cropped: bool
+) -> list[np.ndarray | None]:
+    """Each image's lungs where a classifier sees them (see `lungs_in_view`), for the CAM
+    audit; `cropped` for models trained on lung crops. None where the mask is implausible."""
+    from covidtl.data import load_image
+
+    out = []
+    for path in paths:
+        image = load_image(path, grey=True)
+        found = crop_to_lungs(image, model) if cropped else locate_lungs(image, model)
+        out.append(lungs_in_view(found, input_size, crop_fraction))
+    return out
+
+
 # --- export and load ----------------------------------------------------------------
 
 
