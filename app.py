@@ -27,6 +27,7 @@ import contextlib
 import functools
 import html
 import inspect
+import json
 import logging
 import os
 import tempfile
@@ -39,10 +40,12 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from covidtl.cards import card_markdown, card_plots
+from covidtl.cards import card_markdown, card_plots, lung_model_markdown
 from covidtl.classes import CLASSES, DISPLAY_NAMES, POSITIVE_NAME
 from covidtl.data import IMAGE_EXTENSIONS
 from covidtl.explain import CAM_METHODS, DEFAULT_METHOD, overlay
+from covidtl.export import list_exported
+from covidtl.lungs import LUNG_TASK
 from covidtl.inference import (
     MAX_UPLOAD_BYTES,
     BadInputError,
@@ -457,6 +460,9 @@ def build_demo(
                                 object_fit="contain",
                                 format="png",
                             )
+                for path in list_exported(weights_dir, task=LUNG_TASK):  # not a classifier: listed apart
+                    with gr.Accordion(f"Lung segmentation: {path.stem}", open=False):
+                        gr.Markdown(lung_model_markdown(json.loads(path.with_suffix(".json").read_text())))
                 if names and store.skipped:
                     gr.Markdown("**Not offered:**\n" + "\n".join(f"- `{f}`: {r}" for f, r in store.skipped.items()))
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from covidtl import data, lungs
 from covidtl.audit import cam_audit
+from covidtl.cards import card_markdown
 from covidtl.cache import CachedDataset, ensure_cache
 from covidtl.config import TrainConfig
 from covidtl.data import build_transform, load_image
@@ -119,6 +120,8 @@ def test_audit_uses_each_images_own_lungs_and_counts_fallbacks(tiny_covidx, seed
                        lung_masks=masks)
     assert report["lung_fallbacks"] == sum(r.label == 0 for r in records)
     assert set(report["mean_energy_share"]) == {"lungs", "border"} and "lungs" in report["regions"]
+    text = card_markdown({"name": "m", "shortcut_audit": {"split": "test", **report}})
+    assert "inside its lungs" in text and f"ellipse prior used): {report['lung_fallbacks']}" in text
     with pytest.raises(ValueError, match="lung masks"):
         cam_audit(create_model("resnet18").eval(), spec.cam_layer, loader, [r.source for r in records],
                   lung_masks=masks[:-1])

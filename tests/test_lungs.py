@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 
 from covidtl import lungs
+from covidtl.cards import lung_model_markdown
+from covidtl.inference import ModelStore
 from covidtl.export import CardError, list_exported
 from covidtl.lungs import check_mask, lung_box, outline
 from tests.conftest import shared_data_dir
@@ -104,6 +106,10 @@ def test_fit_exports_a_card_and_evaluate_prints_dice_mean_last(tmp_path, capsys,
     assert card["task"] == "lung_segmentation" and card["input_size"] == 192
     assert set(card["metrics"]) == {"val", "test"} and 0 <= card["metrics"]["test"]["dice_mean"] <= 1
     assert list_exported(out) == [] and list_exported(out, task="lung_segmentation")[0].stem == "lungs_lite0_unet"
+    store = ModelStore(out)  # the app's classifiers: the lung model is listed apart, not skipped as broken
+    assert store.names() == [] and store.skipped == {}
+    text = lung_model_markdown(card)
+    assert "lung segmentation" in text and f"{card['metrics']['test']['dice_mean']:.4f}" in text
     capsys.readouterr()
     weights = out / "lungs_lite0_unet.safetensors"
     assert train_lungs.main(["evaluate", "--data", str(root), "--split", "test", "--weights", str(weights)]) == 0
