@@ -4,6 +4,8 @@ the Grad-CAM audit measures energy inside each image's own lungs."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -125,3 +127,22 @@ def test_audit_uses_each_images_own_lungs_and_counts_fallbacks(tiny_covidx, seed
     with pytest.raises(ValueError, match="lung masks"):
         cam_audit(create_model("resnet18").eval(), spec.cam_layer, loader, [r.source for r in records],
                   lung_masks=masks[:-1])
+
+
+def test_audit_command_rewrites_the_cards_audit_with_own_lungs(tiny_covidx, tmp_path, monkeypatch, seeded):
+    from synthetic_inputs import export_tiny_model
+
+    from train import audit as train_audit
+
+    monkeypatch.setattr(train_audit, "load_lung_model", lambda p: (FakeLungs(), {"name": "fake"}))
+    weights = tmp_path / "w"
+    path = export_tiny_model(weights, "tiny", "resnet18", input_size=SIZE, evaluated_on="test", crop_fraction=FRACTION)
+    before = path.with_suffix(".safetensors").read_bytes()
+    assert train_audit.main(["--weights-dir", str(weights), "--data", str(tiny_covidx)]) == 0
+    card = json.loads(path.with_suffix(".json").read_text())
+    audit = card["shortcut_audit"]
+    records = _split(tiny_covidx)[0]
+    assert audit["split"] == "test" and audit["n"] == len(records)
+    assert audit["lung_fallbacks"] == sum(r.label == 0 for r in records) and "lungs" in audit["mean_energy_share"]
+    assert path.with_suffix(".safetensors").read_bytes() == before  # weights untouched, card still loads
+    assert Predictor.from_file(path).name == "tiny"
