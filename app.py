@@ -42,10 +42,9 @@ from PIL import Image
 
 from covidtl.cards import card_markdown, card_plots, lung_model_markdown
 from covidtl.classes import CLASSES, DISPLAY_NAMES, POSITIVE_NAME
-from covidtl.data import IMAGE_EXTENSIONS
 from covidtl.explain import CAM_METHODS, DEFAULT_METHOD, overlay
 from covidtl.export import list_exported
-from covidtl.lungs import LUNG_TASK
+from covidtl.images import IMAGE_EXTENSIONS
 from covidtl.inference import (
     MAX_UPLOAD_BYTES,
     BadInputError,
@@ -55,6 +54,7 @@ from covidtl.inference import (
     Predictor,
     load_upload,
 )
+from covidtl.lungs import LUNG_TASK
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_WEIGHTS_DIR = HERE / "weights"

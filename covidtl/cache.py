@@ -3,10 +3,10 @@
 Decoding a full-size X-ray (a 1024 px PNG, a 3000 px 16-bit film) takes longer than a
 training step spends on it, and the uncached pipeline does it every epoch. The cache
 decodes each image once, with exactly the loading and resizing of the uncached pipeline
-(:func:`covidtl.data.load_image`, then ``Resize(side)`` with ``side = round(input_size /
+(:func:`covidtl.images.load_image`, then ``Resize(side)`` with ``side = round(input_size /
 crop_fraction)``), and keeps the ``side x side`` square around the centre. The square is
 placed so that its own ``CenterCrop(input_size)`` is the very crop the uncached pipeline
-takes, so :class:`CachedDataset` with the unchanged :func:`covidtl.data.build_transform`
+takes, so :class:`CachedDataset` with the unchanged :func:`covidtl.transforms.build_transform`
 gives the same tensors, augmentation included (``Resize`` is a no-op on the square). The
 one difference: with ``crop_scale < 1`` random crops are drawn from the square instead of
 the whole resized film.
@@ -55,8 +55,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from covidtl.data import Record, UnreadableImageError, corrupt_images_error, eval_geometry, load_image
 from covidtl.export import sha256_file
+from covidtl.images import UnreadableImageError, load_image
+from covidtl.labels import Record
+from covidtl.scan import corrupt_images_error
+from covidtl.transforms import eval_geometry
 
 try:
     import fcntl
@@ -353,7 +356,7 @@ def ensure_cache(
         label_file: the split's label file; its sha256 is recorded, and a change rebuilds.
         cache_dir: where caches live (default :func:`default_cache_dir`).
         input_size, crop_fraction: the model's input and the eval framing (as in
-            :func:`covidtl.data.build_transform`); rows are ``round(input_size /
+            :func:`covidtl.transforms.build_transform`); rows are ``round(input_size /
             crop_fraction)`` px squares.
         color: ``"gray"`` (luminance, 1 byte a pixel) or ``"rgb"``.
         num_workers: decoding processes; None uses every available CPU, 0 decodes here.
@@ -365,8 +368,8 @@ def ensure_cache(
     Raises:
         ValueError: unknown ``color`` or a bad geometry.
         FileNotFoundError: an image or the label file is missing.
-        covidtl.data.CorruptImagesError: images that do not decode, all of them in its
-            ``reasons`` (nothing is published); drop them (``covidtl.data.skip_corrupt``)
+        covidtl.scan.CorruptImagesError: images that do not decode, all of them in its
+            ``reasons`` (nothing is published); drop them (``covidtl.scan.skip_corrupt``)
             and call again.
     """
     if color not in COLORS:

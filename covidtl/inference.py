@@ -28,11 +28,12 @@ from safetensors import SafetensorError
 from torchvision.transforms import v2
 
 from covidtl.classes import CLASSES, POSITIVE
-from covidtl.data import UnreadableImageError, eval_geometry, input_steps, load_image
 from covidtl.dicom import HEAD_LENGTH, DicomError, is_dicom, read_dicom
 from covidtl.explain import DEFAULT_METHOD, explain
 from covidtl.export import CARD_SUFFIX, CardError, list_exported, load_model, read_card
+from covidtl.images import UnreadableImageError, load_image
 from covidtl.models import ModelSpec, get_spec
+from covidtl.transforms import eval_geometry, input_steps
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ def load_upload(
     else is opened as an image (PNG, JPEG, BMP, TIFF, 8 or 16 bit). Sizes are checked from
     the header, before any pixel is decoded. With `min_side` (e.g. the largest
     `Predictor.resize_side` of the models to run) a big image (not DICOM) comes back
-    reduced, as `covidtl.data.load_image` does: much faster, nearly the same model input.
+    reduced, as `covidtl.images.load_image` does: much faster, nearly the same model input.
 
     Raises:
         BadInputError: no file, an empty or missing file, more than `max_bytes` bytes or
@@ -233,7 +234,7 @@ class Predictor:
         self.crop_fraction = float(card.get("crop_fraction", DEFAULT_CROP_FRACTION))
         self.mean = tuple(float(m) for m in card["mean"])
         self.std = tuple(float(s) for s in card["std"])
-        # The eval transform of training (covidtl.data.build_transform), in two parts: the
+        # The eval transform of training (covidtl.transforms.build_transform), in two parts: the
         # framing of the 8-bit image, then the tensor. An "L" image is framed in its one
         # band and repeated into three only as a tensor: the numbers of its RGB copy, for
         # a third of the resizing.

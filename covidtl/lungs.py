@@ -40,7 +40,7 @@ LUNG_INPUT_SIZE = 192
 LUNG_MEAN = 0.5  # efficientnet_lite0's normalization, one value for the grey channel
 LUNG_STD = 0.5
 PREPROCESSING = (
-    "decode as 8-bit grey (covidtl.data.load_image grey=True, then convert('L')); resize the "
+    "decode as 8-bit grey (covidtl.images.load_image grey=True, then convert('L')); resize the "
     f"whole image to {LUNG_INPUT_SIZE}x{LUNG_INPUT_SIZE} with PIL bilinear (aspect not kept); "
     f"scale to [0, 1], normalize with mean {LUNG_MEAN} and std {LUNG_STD}, repeat to 3 channels"
 )
@@ -233,7 +233,7 @@ def lungs_in_view(lung_crop: LungCrop, input_size: int, crop_fraction: float) ->
     """bool [input_size, input_size]: the lungs of `lung_crop` where the classifier sees
     them (after the crop, if any, then the eval resize and center crop); None when the mask
     is implausible."""
-    from covidtl.data import eval_geometry
+    from covidtl.transforms import eval_geometry
 
     if not lung_crop.check.plausible:
         return None
@@ -253,7 +253,7 @@ def view_lung_masks(
 ) -> list[np.ndarray | None]:
     """Each image's lungs where a classifier sees them (see `lungs_in_view`), for the CAM
     audit; `cropped` for models trained on lung crops. None where the mask is implausible."""
-    from covidtl.data import load_image
+    from covidtl.images import load_image
 
     out = []
     for path in paths:
@@ -338,7 +338,7 @@ def read_split(root: Path, split: str) -> list[str]:
 
 def read_pair(root: Path, name: str) -> tuple[Image.Image, np.ndarray]:
     """(grey image, bool mask [H, W]) of one lung-masks item."""
-    from covidtl.data import load_image
+    from covidtl.images import load_image
 
     image = to_grey(load_image(Path(root) / "images" / f"{name}.jpg", grey=True))
     mask = np.asarray(Image.open(Path(root) / "masks" / f"{name}.png")) >= 128

@@ -11,15 +11,18 @@ import pytest
 import torch
 from torch import nn
 
-from covidtl import data, lungs
+from covidtl import lungs
 from covidtl.audit import cam_audit
-from covidtl.cards import card_markdown
 from covidtl.cache import CachedDataset, ensure_cache
+from covidtl.cards import card_markdown
 from covidtl.config import TrainConfig
-from covidtl.data import build_transform, load_image
+from covidtl.data import CovidxDataset
 from covidtl.export import CardError
+from covidtl.images import load_image
 from covidtl.inference import Predictor
+from covidtl.labels import parse_label_file, split_paths
 from covidtl.models import create_model, get_spec
+from covidtl.transforms import build_transform
 
 SIZE, FRACTION = 32, 0.9
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
@@ -49,8 +52,8 @@ def fake_lungs(tmp_path, monkeypatch):
 
 
 def _split(root, split="test"):
-    label_file, image_dir = data.split_paths(root, split)
-    return data.parse_label_file(label_file), image_dir, label_file
+    label_file, image_dir = split_paths(root, split)
+    return parse_label_file(label_file), image_dir, label_file
 
 
 def test_lung_crop_needs_a_cache_and_a_known_name():
@@ -116,7 +119,7 @@ def test_audit_uses_each_images_own_lungs_and_counts_fallbacks(tiny_covidx, seed
     assert [m is None for m in masks] == [r.label == 0 for r in records]
     assert all(m.shape == (SIZE, SIZE) and 0 < m.mean() < 1 for m in masks if m is not None)
     transform = build_transform(SIZE, MEAN, STD, train=False, crop_fraction=FRACTION)
-    loader = torch.utils.data.DataLoader(data.CovidxDataset(records, image_dir, transform), batch_size=4)
+    loader = torch.utils.data.DataLoader(CovidxDataset(records, image_dir, transform), batch_size=4)
     spec = get_spec("resnet18")
     report = cam_audit(create_model("resnet18").eval(), spec.cam_layer, loader, [r.source for r in records],
                        lung_masks=masks)

@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 
 from covidtl.audit import cam_audit
-from covidtl.data import load_image, parse_label_file, split_paths
 from covidtl.export import CARD_SUFFIX, CardError, atomic_write_json, list_exported
+from covidtl.images import load_image
 from covidtl.inference import Predictor
+from covidtl.labels import parse_label_file, split_paths
 from covidtl.lungs import default_lung_weights, load_lung_model, view_lung_masks
 
 log = logging.getLogger("train.audit")

@@ -30,26 +30,16 @@ from covidtl.audit import cam_audit
 from covidtl.cache import ImageCache, default_cache_dir, ensure_cache
 from covidtl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from covidtl.config import CACHE, CROP, TrainConfig, load_recipe
-from covidtl.data import (
-    KAGGLE_HANDLE,
-    CorruptImagesError,
-    DatasetUnavailableError,
-    LabelFileError,
-    MissingImagesError,
-    check_images,
-    class_weights,
-    parse_label_file,
-    resolve_dataset_root,
-    scan_images,
-    skip_corrupt,
-    split_paths,
-)
+from covidtl.data import class_weights
 from covidtl.engine import predict_scores, train_one_epoch
 from covidtl.evaluation import report_with_plots
 from covidtl.export import CardError, atomic_save_tensors, atomic_write_json, export_model, sha256_file, unwrap
+from covidtl.labels import LabelFileError, parse_label_file, split_paths
 from covidtl.loaders import eval_loader, train_loader
+from covidtl.locate import KAGGLE_HANDLE, DatasetUnavailableError, resolve_dataset_root
 from covidtl.models import PretrainedWeightsUnavailable, count_parameters, create_model, get_spec, list_models
 from covidtl.provenance import shortcut_warnings, source_table, split_summary
+from covidtl.scan import CorruptImagesError, MissingImagesError, check_images, scan_images, skip_corrupt
 from covidtl.stats import compute_stats
 
 log = logging.getLogger("train")
