@@ -40,9 +40,8 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from covidtl.cards import card_markdown, card_plots
+from covidtl.cards import card_markdown, card_plots, lung_model_markdown
 from covidtl.classes import CLASSES, POSITIVE_NAME
-from covidtl.data import IMAGE_EXTENSIONS
 from covidtl.decision import (
     OUT_OF_SCOPE,
     decision_label,
@@ -53,6 +52,8 @@ from covidtl.decision import (
     rank_models,
 )
 from covidtl.explain import CAM_METHODS, DEFAULT_METHOD, overlay
+from covidtl.export import list_exported
+from covidtl.images import IMAGE_EXTENSIONS
 from covidtl.inference import (
     MAX_UPLOAD_BYTES,
     BadInputError,
@@ -62,6 +63,7 @@ from covidtl.inference import (
     Predictor,
     load_upload,
 )
+from covidtl.lungs import LUNG_TASK
 from covidtl.scope import ScopeGate, ScopeResult, gate_for
 
 HERE = Path(__file__).resolve().parent
@@ -560,6 +562,9 @@ def build_demo(
                                 object_fit="contain",
                                 format="png",
                             )
+                for path in list_exported(weights_dir, task=LUNG_TASK):  # not a classifier: listed apart
+                    with gr.Accordion(f"Lung segmentation: {path.stem}", open=False):
+                        gr.Markdown(lung_model_markdown(json.loads(path.with_suffix(".json").read_text())))
                 if names and store.skipped:
                     gr.Markdown("**Not offered:**\n" + "\n".join(f"- `{f}`: {r}" for f, r in store.skipped.items()))
 

@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-SCRIPTS = ["inference_latency", "gradcam_cost", "compare_all", "app_start", "train_input", "stats_pass"]
+SCRIPTS = ["inference_latency", "gradcam_cost", "compare_all", "app_start", "train_input", "stats_pass", "lung_cost"]
 
 
 def main(argv: list[str] | None = None) -> None:

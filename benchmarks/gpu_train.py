@@ -32,9 +32,11 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from benchmarks import common
 from covidtl.cache import CachedDataset
-from covidtl.data import Record, build_transform, class_weights, write_label_file
+from covidtl.data import class_weights
 from covidtl.engine import train_one_epoch
+from covidtl.labels import Record, write_label_file
 from covidtl.models import create_model, get_spec
+from covidtl.transforms import build_transform
 from train.run import seed_everything
 
 TARGET = 3000

@@ -23,8 +23,9 @@ from torchvision.transforms import v2
 
 from benchmarks import common
 from benchmarks.train_input import make_films
-from covidtl.data import eval_geometry, load_image
+from covidtl.images import load_image
 from covidtl.stats import compute_stats
+from covidtl.transforms import eval_geometry
 
 LIMIT = 10.0
 TOLERANCE = 1e-4

@@ -23,7 +23,7 @@ import torch
 
 from benchmarks import common
 from covidtl.config import TrainConfig
-from covidtl.data import Record, write_label_file
+from covidtl.labels import Record, write_label_file
 from covidtl.loaders import train_loader
 
 LIMIT = 5.0

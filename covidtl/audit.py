@@ -13,6 +13,10 @@ positive class falls on the network's input (the resized, center-cropped S x S i
 - border: the outer 10 % frame of the image, where burnt-in text, rulers and
   collimation edges sit.
 
+- lungs (when the caller passes each image's own lung mask, from covidtl.lungs): the
+  segmented lungs of that image, in the same frame; an image without a plausible mask
+  falls back to the two-ellipse prior, and the result counts how many did.
+
 A uniform map would put exactly each region's area share of energy in it; a model that
 looks at the lungs puts clearly more than the area share there, and little in the border.
 """
@@ -65,20 +69,43 @@ def cam_audit(
     method: str = DEFAULT_METHOD,
     device: torch.device | str = "cpu",
     progress: Callable[[Iterable], Iterable] | None = None,
+    lung_masks: Sequence[np.ndarray | None] | None = None,
 ) -> dict:
     """Mean Grad-CAM energy share in the lung field and in the border, overall and per source.
 
     `loader` yields normalized images in the order of `sources`. Returns a JSON-ready dict
     with the region definitions, their area shares, and the mean shares.
+
+    `lung_masks`: one bool [S, S] mask per image (in the order of `sources`), or None for
+    an image without a plausible one. Given, the lung region is each image's own mask
+    ("lungs"; the ellipse prior for the None ones, counted in ``lung_fallbacks``) instead
+    of the prior ("lung_field").
     """
+    if lung_masks is not None and len(lung_masks) != len(sources):
+        raise ValueError(f"{len(lung_masks)} lung masks but {len(sources)} sources")
     model.eval()
     shares: list[dict[str, float]] = []
     masks: dict[str, np.ndarray] = {}
+    areas: list[float] = []
+    fallbacks = 0
     for images, _ in progress(loader) if progress else loader:
         for image in images:
             heatmap = explain(model, image.unsqueeze(0).to(device), cam_layer, method=method)
-            if not masks:
-                masks = {"lung_field": lung_mask(heatmap.shape[0]), "border": border_mask(heatmap.shape[0])}
+            size = heatmap.shape[0]
+            if lung_masks is None:
+                if not masks:
+                    masks = {"lung_field": lung_mask(size), "border": border_mask(size)}
+            else:
+                if len(shares) >= len(lung_masks):
+                    raise ValueError(f"more images than the {len(lung_masks)} lung masks")
+                own = lung_masks[len(shares)]
+                if own is None:
+                    fallbacks += 1
+                    own = lung_mask(size)
+                elif own.shape != heatmap.shape:
+                    raise ValueError(f"lung mask {own.shape} does not match the CAM map {heatmap.shape}")
+                masks = {"lungs": own, "border": border_mask(size)}
+                areas.append(float(own.mean()))
             shares.append(energy_shares(heatmap, masks))
     if len(shares) != len(sources):
         raise ValueError(f"{len(shares)} images but {len(sources)} sources")
@@ -90,15 +117,22 @@ def cam_audit(
             out[name] = None if np.isnan(values).all() else round(float(np.nanmean(values)), 4)
         return out
 
+    prior = f"two ellipses centred at {LUNG_CENTRES} (x, y fractions), semi-axes {LUNG_SEMI_AXES}"
+    if lung_masks is None:
+        regions = {"lung_field": prior}
+        area_share = {name: round(float(mask.mean()), 4) for name, mask in masks.items()}
+    else:
+        regions = {"lungs": f"each image's own lung mask (covidtl.lungs); the prior ({prior}) where it has none"}
+        area_share = {"lungs": round(float(np.mean(areas)), 4) if areas else None,
+                      "border": round(float(border_mask(size).mean()), 4) if shares else None}
+    extra = {} if lung_masks is None else {"lung_fallbacks": fallbacks}
     return {
         "method": method,
         "layer": cam_layer,
-        "regions": {
-            "lung_field": f"two ellipses centred at {LUNG_CENTRES} (x, y fractions), semi-axes {LUNG_SEMI_AXES}",
-            "border": f"outer {BORDER_FRACTION:.0%} frame",
-        },
-        "area_share": {name: round(float(mask.mean()), 4) for name, mask in masks.items()},
+        "regions": regions | {"border": f"outer {BORDER_FRACTION:.0%} frame"},
+        "area_share": area_share,
         "n": len(shares),
+        **extra,
         "mean_energy_share": mean_of(shares),
         "per_source": {
             source: mean_of([row for row, s in zip(shares, sources) if s == source]) for source in sorted(set(sources))

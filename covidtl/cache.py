@@ -3,10 +3,10 @@
 Decoding a full-size X-ray (a 1024 px PNG, a 3000 px 16-bit film) takes longer than a
 training step spends on it, and the uncached pipeline does it every epoch. The cache
 decodes each image once, with exactly the loading and resizing of the uncached pipeline
-(:func:`covidtl.data.load_image`, then ``Resize(side)`` with ``side = round(input_size /
+(:func:`covidtl.images.load_image`, then ``Resize(side)`` with ``side = round(input_size /
 crop_fraction)``), and keeps the ``side x side`` square around the centre. The square is
 placed so that its own ``CenterCrop(input_size)`` is the very crop the uncached pipeline
-takes, so :class:`CachedDataset` with the unchanged :func:`covidtl.data.build_transform`
+takes, so :class:`CachedDataset` with the unchanged :func:`covidtl.transforms.build_transform`
 gives the same tensors, augmentation included (``Resize`` is a no-op on the square). The
 one difference: with ``crop_scale < 1`` random crops are drawn from the square instead of
 the whole resized film.
@@ -21,6 +21,13 @@ folder (:func:`default_cache_dir`)::
 ``"gray"`` stores luminance (PIL ``convert("L")``): exact for grey X-rays, which is what
 COVIDx holds, and a third of the bytes; colour annotations on figures become grey.
 ``"rgb"`` stores what the uncached pipeline sees, for any image.
+
+With a lung model (``lung_weights``, for recipes with ``crop = "lungs"``) each decoded
+image is first cut to its lungs by :func:`covidtl.lungs.crop_to_lungs`, the function the
+Predictor calls at inference, and then resized and framed as above. Images whose
+predicted mask is implausible are kept whole; ``ImageCache.kept_whole`` names them with
+the reason. The lung model's sha256 is part of the folder key, so another lung model
+gets another cache.
 
 A cache is rebuilt when its label file, its records, an image file's size or mtime, or the
 geometry differs from what is asked for; a different input size or colour gets its own
@@ -39,7 +46,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -48,8 +55,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from covidtl.data import Record, UnreadableImageError, corrupt_images_error, eval_geometry, load_image
 from covidtl.export import sha256_file
+from covidtl.images import UnreadableImageError, load_image
+from covidtl.labels import Record
+from covidtl.scan import corrupt_images_error
+from covidtl.transforms import eval_geometry
 
 try:
     import fcntl
@@ -111,6 +121,10 @@ class ImageCache:
     color: str
     filenames: tuple[str, ...]
     labels: tuple[int, ...]
+    # Lung-cropped caches only: the lung model's sha256, and file name -> why the image
+    # was kept whole (its lung mask was implausible).
+    lung_model_sha256: str | None = None
+    kept_whole: dict[str, str] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.filenames)
@@ -163,10 +177,13 @@ def _files_fingerprint(records: Sequence[Record], image_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def _folder_name(image_dir: Path, input_size: int, crop_fraction: float, color: str) -> str:
+def _folder_name(image_dir: Path, input_size: int, crop_fraction: float, color: str, lung_sha: str | None = None) -> str:
     side = round(input_size / crop_fraction)
-    key = hashlib.sha256(f"{image_dir.resolve()}\0{input_size}\0{crop_fraction!r}\0{color}".encode()).hexdigest()
-    return f"{image_dir.name}-{side}px-{color}-{key[:12]}"
+    text = f"{image_dir.resolve()}\0{input_size}\0{crop_fraction!r}\0{color}"
+    if lung_sha is not None:  # lung-cropped: another cache per lung model
+        text += f"\0lungs\0{lung_sha}"
+    key = hashlib.sha256(text.encode()).hexdigest()
+    return f"{image_dir.name}-{side}px-{color}{'-lungs' if lung_sha else ''}-{key[:12]}"
 
 
 def _stale_reason(index: dict[str, Any], expected: dict[str, Any]) -> str | None:
@@ -188,8 +205,19 @@ def _available_cpus() -> int:
     return os.cpu_count() or 1
 
 
-def _init_worker(pixels_path: str, image_dir: str, input_size: int, crop_fraction: float, color: str) -> None:
+def _init_worker(
+    pixels_path: str, image_dir: str, input_size: int, crop_fraction: float, color: str, lung_weights: str | None = None,
+    worker: bool = True,
+) -> None:
+    lungs = None
+    if lung_weights is not None:
+        from covidtl.lungs import load_lung_model
+
+        if worker:  # one thread per worker process: the pool already uses every CPU
+            torch.set_num_threads(1)
+        lungs = load_lung_model(lung_weights)[0]
     _job.update(
+        lungs=lungs,
         pixels=np.load(pixels_path, mmap_mode="r+"),
         image_dir=Path(image_dir),
         resize=eval_geometry(input_size, crop_fraction)[0],
@@ -199,23 +227,30 @@ def _init_worker(pixels_path: str, image_dir: str, input_size: int, crop_fractio
     )
 
 
-def _cache_one(task: tuple[int, str]) -> tuple[int, str | None]:
-    """Decode, resize and store one image (in a worker): (its row, None), or (its row, why
-    it does not decode)."""
+def _cache_one(task: tuple[int, str]) -> tuple[int, str | None, str | None]:
+    """Decode, (lung-crop,) resize and store one image (in a worker): (its row, why it does
+    not decode or None, why it was kept whole instead of lung-cropped or None)."""
     row, filename = task
     gray = _job["color"] == "gray"
     try:
         # A grey film stays one band through the resize: the values of its RGB copy, a
         # third of the work; a colour image is resized in RGB, then made grey.
-        image = _job["resize"](load_image(_job["image_dir"] / filename, grey=gray))
+        image = load_image(_job["image_dir"] / filename, grey=gray)
     except UnreadableImageError as error:
         cause = error.__cause__ or error
-        return row, f"{type(cause).__name__}: {cause}"
+        return row, f"{type(cause).__name__}: {cause}", None
+    whole = None
+    if _job["lungs"] is not None:
+        from covidtl.lungs import crop_to_lungs
+
+        lung_crop = crop_to_lungs(image, _job["lungs"])
+        image, whole = lung_crop.image, lung_crop.check.reason
+    image = _job["resize"](image)
     image = image.crop(crop_box(image.width, image.height, _job["side"], _job["input_size"]))
     if gray:
         image = image.convert("L")
     _job["pixels"][row] = np.asarray(image)
-    return row, None
+    return row, None, whole
 
 
 class _Counted:
@@ -232,11 +267,18 @@ class _Counted:
 
 
 def _failures(
-    results: Iterator[tuple[int, str | None]], records: Sequence[Record], progress: Progress
-) -> dict[str, str]:
-    """Consume `_cache_one` results (through `progress`): file name -> reason, for failures."""
+    results: Iterator[tuple[int, str | None, str | None]], records: Sequence[Record], progress: Progress
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Consume `_cache_one` results (through `progress`): (file name -> reason, for
+    failures; file name -> reason, for images kept whole)."""
     counted = _Counted(results, len(records))
-    return {records[row].filename: reason for row, reason in (progress(counted) if progress else counted) if reason}
+    bad, whole = {}, {}
+    for row, reason, kept in progress(counted) if progress else counted:
+        if reason:
+            bad[records[row].filename] = reason
+        if kept:
+            whole[records[row].filename] = kept
+    return bad, whole
 
 
 def _build(
@@ -249,7 +291,9 @@ def _build(
     index: dict[str, Any],
     num_workers: int,
     progress: Progress,
+    lung_weights: Path | None = None,
 ) -> None:
+    """Build the cache into `folder`; adds ``kept_whole`` to `index` for lung crops."""
     side = round(input_size / crop_fraction)
     shape = (len(records), side, side) + ((3,) if color == "rgb" else ())
     staging = folder.with_name(f"{folder.name}.building-{os.getpid()}")
@@ -258,21 +302,24 @@ def _build(
     try:
         pixels_path = staging / _PIXELS
         np.lib.format.open_memmap(pixels_path, mode="w+", dtype=np.uint8, shape=shape).flush()
-        setup = (str(pixels_path), str(image_dir), input_size, crop_fraction, color)
+        setup = (str(pixels_path), str(image_dir), input_size, crop_fraction, color,
+                 None if lung_weights is None else str(lung_weights))
         tasks = [(i, record.filename) for i, record in enumerate(records)]
         if num_workers > 0:
             with ProcessPoolExecutor(num_workers, initializer=_init_worker, initargs=setup) as pool:
                 done = pool.map(_cache_one, tasks, chunksize=max(1, min(64, len(tasks) // (8 * num_workers))))
-                bad = _failures(done, records, progress)
+                bad, whole = _failures(done, records, progress)
         else:
-            _init_worker(*setup)
+            _init_worker(*setup, worker=False)
             try:
-                bad = _failures(map(_cache_one, tasks), records, progress)
+                bad, whole = _failures(map(_cache_one, tasks), records, progress)
                 _job["pixels"].flush()
             finally:
                 _job.clear()
         if bad:  # every image was tried, so the error names all of them
             raise corrupt_images_error(bad, len(records), image_dir)
+        if lung_weights is not None:
+            index["kept_whole"] = whole
         (staging / _INDEX).write_text(json.dumps(index), encoding="utf-8")
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(staging, folder)
@@ -299,6 +346,7 @@ def ensure_cache(
     color: str = "gray",
     num_workers: int | None = None,
     progress: Progress = None,
+    lung_weights: str | Path | None = None,
 ) -> ImageCache:
     """The cache of ``records``' images for this geometry: reused when still valid, else built.
 
@@ -308,18 +356,20 @@ def ensure_cache(
         label_file: the split's label file; its sha256 is recorded, and a change rebuilds.
         cache_dir: where caches live (default :func:`default_cache_dir`).
         input_size, crop_fraction: the model's input and the eval framing (as in
-            :func:`covidtl.data.build_transform`); rows are ``round(input_size /
+            :func:`covidtl.transforms.build_transform`); rows are ``round(input_size /
             crop_fraction)`` px squares.
         color: ``"gray"`` (luminance, 1 byte a pixel) or ``"rgb"``.
         num_workers: decoding processes; None uses every available CPU, 0 decodes here.
         progress: optional wrapper of an iterable (e.g. ``tqdm``), over images as they
             are stored; called only when the cache is built.
+        lung_weights: a lung model (``covidtl.lungs``) to crop each image to its lungs
+            first, or None for whole images.
 
     Raises:
         ValueError: unknown ``color`` or a bad geometry.
         FileNotFoundError: an image or the label file is missing.
-        covidtl.data.CorruptImagesError: images that do not decode, all of them in its
-            ``reasons`` (nothing is published); drop them (``covidtl.data.skip_corrupt``)
+        covidtl.scan.CorruptImagesError: images that do not decode, all of them in its
+            ``reasons`` (nothing is published); drop them (``covidtl.scan.skip_corrupt``)
             and call again.
     """
     if color not in COLORS:
@@ -327,7 +377,8 @@ def ensure_cache(
     eval_geometry(input_size, crop_fraction)  # validates both
     image_dir, label_file = Path(image_dir), Path(label_file)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    folder = cache_dir / _folder_name(image_dir, input_size, crop_fraction, color)
+    lung_sha = None if lung_weights is None else sha256_file(Path(lung_weights))
+    folder = cache_dir / _folder_name(image_dir, input_size, crop_fraction, color, lung_sha)
     side = round(input_size / crop_fraction)
     expected = {
         "version": FORMAT_VERSION,
@@ -340,6 +391,8 @@ def ensure_cache(
         "filenames": [r.filename for r in records],
         "labels": [r.label for r in records],
     }
+    if lung_sha is not None:
+        expected["lung_model_sha256"] = lung_sha
     with _locked(folder):
         try:
             index = json.loads((folder / _INDEX).read_text(encoding="utf-8"))
@@ -355,7 +408,8 @@ def ensure_cache(
                 "label_file": str(label_file.resolve()),
                 "created": datetime.now(UTC).isoformat(timespec="seconds"),
             }
-            _build(folder, records, image_dir, input_size, crop_fraction, color, index, workers, progress)
+            _build(folder, records, image_dir, input_size, crop_fraction, color, index, workers, progress,
+                   None if lung_weights is None else Path(lung_weights))
             logger.info("built %s in %.1f s", folder.name, time.perf_counter() - started)
         else:
             logger.info("using image cache %s (%d images)", folder, len(records))
@@ -367,6 +421,8 @@ def ensure_cache(
         color=color,
         filenames=tuple(expected["filenames"]),
         labels=tuple(expected["labels"]),
+        lung_model_sha256=lung_sha,
+        kept_whole=dict(index.get("kept_whole", {})),
     )
 
 

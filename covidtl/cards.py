@@ -108,6 +108,51 @@ def _data_markdown(data: dict) -> list[str]:
     return lines
 
 
+def _audit_markdown(audit: dict) -> list[str]:
+    """Where the positive-class Grad-CAM energy falls: lungs (own masks or prior) and border."""
+    shares = audit.get("mean_energy_share") or {}
+    if not shares:
+        return []
+    lung_key = "lungs" if "lungs" in shares else "lung_field"
+    lung_label = "inside its lungs" if lung_key == "lungs" else "in the two-ellipse lung prior"
+    area = audit.get("area_share") or {}
+    lines = [
+        f"#### Where Grad-CAM looks ({_cell(audit.get('split', '?'))} split, {audit.get('n', '?')} images)",
+        f"Mean share of each image's positive-class Grad-CAM energy {lung_label}: {_num(shares.get(lung_key))} "
+        f"(area {_num(area.get(lung_key))}); in the outer border: {_num(shares.get('border'))} "
+        f"(area {_num(area.get('border'))}).",
+    ]
+    if "lung_fallbacks" in audit:
+        lines.append(f"Images without a plausible lung mask (ellipse prior used): {audit['lung_fallbacks']}.")
+    per_source = audit.get("per_source") or {}
+    if per_source:
+        lines += ["\n| source | lungs | border |", "|---|---|---|"]
+        lines += [f"| {_cell(s)} | {_num(v.get(lung_key))} | {_num(v.get('border'))} |" for s, v in per_source.items()]
+    return lines
+
+
+def lung_model_markdown(card: dict) -> str:
+    """The lung segmentation model's card for humans (it is not a classifier)."""
+    lines = [f"### {_cell(card.get('name', '?'))} (lung segmentation)"]
+    if card.get("description"):
+        lines.append(_cell(card["description"]))
+    lines.append(f"Input {card.get('input_size', '?')} px; {card.get('parameters', '?')} parameters. "
+                 f"Preprocessing: {_cell(card.get('preprocessing', '?'))}.")
+    metrics = card.get("metrics") or {}
+    if metrics:
+        lines += ["\n| split | images | Dice mean | median | min | implausible masks |", "|---|---|---|---|---|---|"]
+        for split, m in metrics.items():
+            lines.append(f"| {_cell(split)} | {m.get('images', '?')} | {_num(m.get('dice_mean'), 4)} | "
+                         f"{_num(m.get('dice_median'), 4)} | {_num(m.get('dice_min'), 4)} | {m.get('implausible', '?')} |")
+    data = card.get("data") or {}
+    if data.get("provenance"):
+        lines.append(f"\n**Data:** {_cell(data['provenance'])}")
+    if card.get("intended_use"):
+        lines.append(f"\n**Intended use:** {_cell(card['intended_use'])}")
+    lines += [f"- {_cell(item)}" for item in card.get("limitations") or []]
+    return "\n".join(lines)
+
+
 def card_markdown(card: dict) -> str:
     """A model card for humans: threshold and its rule, metrics with 95 % intervals,
     per-source results, provenance, intended use and limitations. Absent parts are skipped."""
@@ -136,6 +181,14 @@ def card_markdown(card: dict) -> str:
         if isinstance(metrics[split], dict):
             lines.append("")
             lines += _report_markdown(split, metrics[split])
+    crop = card.get("lung_crop")
+    if isinstance(crop, dict):
+        kept = ", ".join(f"{s} {n}/{(crop.get('images') or {}).get(s, '?')}" for s, n in (crop.get("kept_whole") or {}).items())
+        lines.append(f"\n**Lung crop:** each image is cut to its lungs (lung model `{_cell(crop.get('lung_model'))}`, "
+                     f"margin {crop.get('margin')}) before the resize; kept whole (implausible mask): {kept}.")
+    if isinstance(card.get("shortcut_audit"), dict):
+        lines.append("")
+        lines += _audit_markdown(card["shortcut_audit"])
     if isinstance(card.get("data"), dict):
         lines.append("")
         lines += _data_markdown(card["data"])

@@ -16,6 +16,7 @@ from covidtl.models import MODES, list_models
 
 BALANCE = ("none", "loss", "sampler", "sampler_source")
 CACHE = ("none", "gray", "rgb")  # "none", or the colour of a covidtl.cache image cache
+CROP = ("none", "lungs")  # "lungs": cut each image to its lungs (covidtl.lungs.crop_to_lungs)
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,9 @@ class TrainConfig:
     # "gray"/"rgb": decode each image once into a pre-resized, memory-mapped cache
     # (covidtl.cache) and train and evaluate from it; "none" decodes every epoch.
     cache: str = "none"
+    # "lungs": before the usual framing, crop each image to its lungs' bounding box plus a
+    # margin (covidtl.lungs); done once per image in the cache build, so it needs a cache.
+    crop: str = "none"
     amp: bool = True  # CUDA only
     channels_last: bool = True  # CUDA only
     weights_dtype: str = "float32"
@@ -64,6 +68,10 @@ class TrainConfig:
             raise ValueError(f"unknown balance {self.balance!r}; choose from {list(BALANCE)}")
         if self.cache not in CACHE:
             raise ValueError(f"unknown cache {self.cache!r}; choose from {list(CACHE)}")
+        if self.crop not in CROP:
+            raise ValueError(f"unknown crop {self.crop!r}; choose from {list(CROP)}")
+        if self.crop == "lungs" and self.cache == "none":
+            raise ValueError('crop = "lungs" is computed in the image cache build: set cache = "gray" or "rgb"')
         if (self.mean is None) != (self.std is None):
             raise ValueError("give both mean and std, or neither")
         if self.weights_dtype not in ("float32", "float16"):

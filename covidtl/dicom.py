@@ -21,7 +21,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder, pixel_array
 from pydicom.uid import UID, AllTransferSyntaxes
 
-from covidtl.data import rescale_to_uint8
+from covidtl.images import rescale_to_uint8
 
 PREAMBLE_LENGTH = 128
 MAGIC = b"DICM"

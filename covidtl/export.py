@@ -187,9 +187,25 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     return model.to(device).eval(), card
 
 
-def list_exported(weights_dir: str | Path) -> list[Path]:
-    """Safetensors files in `weights_dir` that have a card beside them, sorted by name."""
+def card_task(card_path: Path) -> str:
+    """A card's ``task``: "classification" unless it says otherwise (the lung model's says
+    "lung_segmentation"). An unreadable card counts as a classifier's, so that loaders
+    report it."""
+    try:
+        card = json.loads(Path(card_path).read_text())
+    except (OSError, ValueError):
+        return "classification"
+    task = card.get("task", "classification") if isinstance(card, dict) else "classification"
+    return task if isinstance(task, str) else "classification"
+
+
+def list_exported(weights_dir: str | Path, task: str = "classification") -> list[Path]:
+    """Safetensors files in `weights_dir` that have a card beside them for `task`, sorted
+    by name (classifiers by default: the lung model is listed with task="lung_segmentation")."""
     weights_dir = Path(weights_dir)
     if not weights_dir.is_dir():
         return []
-    return sorted(p for p in weights_dir.glob(f"*{WEIGHTS_SUFFIX}") if p.with_suffix(CARD_SUFFIX).is_file())
+    return sorted(
+        p for p in weights_dir.glob(f"*{WEIGHTS_SUFFIX}")
+        if p.with_suffix(CARD_SUFFIX).is_file() and card_task(p.with_suffix(CARD_SUFFIX)) == task
+    )

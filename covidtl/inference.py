@@ -28,11 +28,12 @@ from safetensors import SafetensorError
 from torchvision.transforms import v2
 
 from covidtl.classes import CLASSES, POSITIVE
-from covidtl.data import UnreadableImageError, eval_geometry, input_steps, load_image
 from covidtl.dicom import HEAD_LENGTH, DicomError, is_dicom, read_dicom
 from covidtl.explain import DEFAULT_METHOD, explain
 from covidtl.export import CARD_SUFFIX, CardError, list_exported, load_model, read_card
+from covidtl.images import UnreadableImageError, load_image
 from covidtl.models import ModelSpec, get_spec
+from covidtl.transforms import eval_geometry, input_steps
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ def load_upload(
     else is opened as an image (PNG, JPEG, BMP, TIFF, 8 or 16 bit). Sizes are checked from
     the header, before any pixel is decoded. With `min_side` (e.g. the largest
     `Predictor.resize_side` of the models to run) a big image (not DICOM) comes back
-    reduced, as `covidtl.data.load_image` does: much faster, nearly the same model input.
+    reduced, as `covidtl.images.load_image` does: much faster, nearly the same model input.
 
     Raises:
         BadInputError: no file, an empty or missing file, more than `max_bytes` bytes or
@@ -210,7 +211,19 @@ class Predictor:
     The lock serializes every forward pass (plain or with CAM hooks) on the model.
     """
 
-    def __init__(self, model: torch.nn.Module, card: dict[str, Any], device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        card: dict[str, Any],
+        device: str | torch.device = "cpu",
+        lung_model: torch.nn.Module | None = None,
+    ) -> None:
+        """`lung_model`: the lung model named in the card's ``lung_crop``, for models
+        trained on lung crops (required for them, ignored otherwise)."""
+        if card.get("lung_crop") and lung_model is None:
+            raise CardError(f"model {card['name']!r} was trained on lung crops: it needs its lung model "
+                            f"{card['lung_crop']['lung_model']!r}")
+        self.lungs = lung_model.eval() if card.get("lung_crop") else None
         self.model = model.to(device).eval()
         self.card = card
         self.device = torch.device(device)
@@ -221,7 +234,7 @@ class Predictor:
         self.crop_fraction = float(card.get("crop_fraction", DEFAULT_CROP_FRACTION))
         self.mean = tuple(float(m) for m in card["mean"])
         self.std = tuple(float(s) for s in card["std"])
-        # The eval transform of training (covidtl.data.build_transform), in two parts: the
+        # The eval transform of training (covidtl.transforms.build_transform), in two parts: the
         # framing of the 8-bit image, then the tensor. An "L" image is framed in its one
         # band and repeated into three only as a tensor: the numbers of its RGB copy, for
         # a third of the resizing.
@@ -229,29 +242,51 @@ class Predictor:
         to_image, to_float, self._normalize = input_steps(self.mean, self.std)
         self._to_float = v2.Compose([to_image, to_float])
         # The resize before the crop: images need no more than this shorter side (see load_upload).
-        self.resize_side = round(self.input_size / self.crop_fraction)
+        # A lung crop keeps about half the film's side: twice as many pixels keep it sharp.
+        self.resize_side = round(self.input_size / self.crop_fraction) * (2 if self.lungs is not None else 1)
         self.lock = threading.Lock()
 
     @classmethod
     def from_file(cls, path: str | Path, device: str | torch.device = "cpu") -> Predictor:
         """Load ``<name>.safetensors`` and its card (see `covidtl.export.load_model`)."""
         model, card = load_model(path, device=device)
-        return cls(model, card, device)
+        lung_model = None
+        if card.get("lung_crop"):
+            from covidtl.lungs import load_lung_model
+
+            crop = card["lung_crop"]
+            lung_model, lung_card = load_lung_model(Path(path).with_name(f"{crop['lung_model']}.safetensors"))
+            if lung_card["weights_sha256"] != crop["lung_model_sha256"]:
+                raise CardError(f"{path}: trained with lung model {crop['lung_model']} sha256 "
+                                f"{crop['lung_model_sha256'][:12]}..., but the one beside it differs; ship the same one")
+        return cls(model, card, device, lung_model)
 
     @property
     def geometry(self) -> tuple:
         """Models with equal geometry turn an image into the same input tensor."""
-        return (self.input_size, self.crop_fraction, self.mean, self.std)
+        lungs = self.card["lung_crop"]["lung_model_sha256"] if self.lungs is not None else None
+        return (self.input_size, self.crop_fraction, self.mean, self.std, lungs)
+
+    def framed(self, image: Image.Image) -> Image.Image:
+        """`image` as "L" or RGB, cut to its lungs first for a lung-crop model (the
+        training cache's `covidtl.lungs.crop_to_lungs`; kept whole when its mask is
+        implausible)."""
+        image = _l_or_rgb(image)
+        if self.lungs is None:
+            return image
+        from covidtl.lungs import crop_to_lungs
+
+        return crop_to_lungs(image, self.lungs).image
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """8-bit "L" or RGB image (others are converted to RGB) -> normalized float32
         tensor [1, 3, S, S] on the model's device."""
-        x = self._to_float(self._view(_l_or_rgb(image)))
+        x = self._to_float(self._view(self.framed(image)))
         return self._normalize(x.expand(3, -1, -1)).unsqueeze(0).to(self.device)
 
     def view(self, image: Image.Image) -> np.ndarray:
         """The part of `image` the model sees (resized, center-cropped), uint8 [S, S, 3]."""
-        return np.asarray(_rgb(self._view(_l_or_rgb(image))))
+        return np.asarray(_rgb(self._view(self.framed(image))))
 
     def predict(self, image: Image.Image | torch.Tensor) -> Prediction:
         """Classify an RGB image, or a tensor from `preprocess` of an equal-geometry model."""

@@ -14,8 +14,10 @@ from torch.utils.data import DataLoader
 
 from covidtl.cache import CachedDataset, ImageCache
 from covidtl.config import TrainConfig
-from covidtl.data import CovidxDataset, Record, balanced_sampler_weights, build_transform
+from covidtl.data import CovidxDataset, balanced_sampler_weights
 from covidtl.engine import EpochSampler
+from covidtl.labels import Record
+from covidtl.transforms import build_transform
 
 
 def _dataset(

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from covidtl.classes import CLASSES
-from covidtl.data import Record
+from covidtl.labels import Record
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Per-channel normalization statistics (mean, std) of a split of chest X-rays.
 
-Statistics are of pixel values in [0, 1] after the eval framing of :mod:`covidtl.data`
+Statistics are of pixel values in [0, 1] after the eval framing of :mod:`covidtl.transforms`
 (RGB load, ``Resize(round(size / crop_fraction))``, ``CenterCrop(size)``), over all pixels
 of all images: the population mean and std that ``Normalize`` expects.
 
@@ -20,7 +20,10 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 from covidtl.cache import ImageCache
-from covidtl.data import CovidxDataset, Record, eval_geometry, load_image
+from covidtl.data import CovidxDataset
+from covidtl.images import load_image
+from covidtl.labels import Record
+from covidtl.transforms import eval_geometry
 
 __all__ = ["COVIDX_STATS", "compute_stats", "reference_stats"]
 

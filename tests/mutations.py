@@ -117,7 +117,7 @@ MUTATIONS = [
              'self.crop_fraction = float(card.get("crop_fraction", DEFAULT_CROP_FRACTION))',
              "self.crop_fraction = DEFAULT_CROP_FRACTION",
              (f"{PINNED}::test_the_predictor_sees_the_central_crop_fraction_of_the_image",)),
-    Mutation("eval resize ignores crop_fraction", "covidtl/data.py",
+    Mutation("eval resize ignores crop_fraction", "covidtl/transforms.py",
              "return [v2.Resize(round(input_size / crop_fraction)), v2.CenterCrop(input_size)]",
              "return [v2.Resize(round(input_size / 0.9)), v2.CenterCrop(input_size)]",
              (f"{PINNED}::test_the_predictor_sees_the_central_crop_fraction_of_the_image",)),

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from covidtl.audit import border_mask, cam_audit, energy_shares, lung_mask
-from covidtl.data import parse_label_file
+from covidtl.labels import parse_label_file
 from covidtl.loaders import eval_loader
 from covidtl.models import create_model, get_spec
 

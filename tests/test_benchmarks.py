@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 
-SCRIPTS = ["inference_latency", "gradcam_cost", "compare_all", "app_start", "train_input", "stats_pass", "gpu_train"]
+SCRIPTS = ["inference_latency", "gradcam_cost", "compare_all", "app_start", "train_input", "stats_pass", "gpu_train", "lung_cost"]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)

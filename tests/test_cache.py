@@ -13,20 +13,23 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from covidtl import data
 from covidtl.cache import CachedDataset, crop_box, ensure_cache
 from covidtl.config import TrainConfig
-from covidtl.data import CovidxDataset, Record, build_transform, eval_geometry
+from covidtl.data import CovidxDataset
+from covidtl.images import load_image
+from covidtl.labels import Record, parse_label_file, split_paths, write_label_file
 from covidtl.loaders import eval_loader, train_loader
+from covidtl.scan import CorruptImagesError, skip_corrupt
 from covidtl.stats import compute_stats, reference_stats
+from covidtl.transforms import build_transform, eval_geometry
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 SIZE = 32  # side 36 at crop fraction 0.9
 
 
 def _split(root, split="train"):
-    label_file, image_dir = data.split_paths(root, split)
-    return data.parse_label_file(label_file), image_dir, label_file
+    label_file, image_dir = split_paths(root, split)
+    return parse_label_file(label_file), image_dir, label_file
 
 
 class Counting:
@@ -58,7 +61,7 @@ def _odd_folder(tmp_path):
         image.save(folder / f"img{i}.png")
         records.append(Record(f"p{i}", f"img{i}.png", i % 2, "odd"))
     label_file = tmp_path / "odd.txt"
-    data.write_label_file(records, label_file)
+    write_label_file(records, label_file)
     return records, folder, label_file
 
 
@@ -89,12 +92,12 @@ def test_undecodable_images_are_all_named_and_nothing_is_published(tiny_covidx, 
     damaged = [records[2].filename, records[7].filename]
     (image_dir / damaged[0]).write_bytes(b"not an image at all")
     (image_dir / damaged[1]).write_bytes((image_dir / damaged[1]).read_bytes()[:120])  # truncated
-    with pytest.raises(data.CorruptImagesError, match="2 of 12 images .* --on-corrupt skip") as caught:
+    with pytest.raises(CorruptImagesError, match="2 of 12 images .* --on-corrupt skip") as caught:
         ensure_cache(records, image_dir, label_file, tmp_path / "cache", SIZE, num_workers=num_workers)
     assert sorted(caught.value.reasons) == sorted(damaged)
     assert not any((tmp_path / "cache").glob("*/index.json"))  # no cache, no staging left behind
     assert [p.name for p in (tmp_path / "cache").iterdir() if p.is_dir()] == []
-    kept = data.skip_corrupt(records, caught.value.reasons, image_dir)
+    kept = skip_corrupt(records, caught.value.reasons, image_dir)
     cache = ensure_cache(kept, image_dir, label_file, tmp_path / "cache", SIZE, num_workers=num_workers)
     assert list(cache.filenames) == [r.filename for r in records if r.filename not in damaged]
 
@@ -164,7 +167,7 @@ def test_crop_box_keeps_the_center_crop_for_any_shape(tmp_path):
         geometry = v2.Compose(eval_geometry(size, fraction))
         dataset = CachedDataset(cache, records, v2.CenterCrop(size))
         for i, record in enumerate(records):
-            expected = np.asarray(geometry(data.load_image(folder / record.filename)))
+            expected = np.asarray(geometry(load_image(folder / record.filename)))
             assert np.array_equal(np.asarray(dataset[i][0]), expected), (record.filename, size, fraction)
     for width, height in [(36, 36), (36, 90), (91, 36), (37, 36)]:
         left, top, right, bottom = crop_box(width, height, 36, 32)

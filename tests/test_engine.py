@@ -13,8 +13,9 @@ from torch import nn
 from covidtl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from covidtl.classes import POSITIVE
 from covidtl.config import BALANCE, TrainConfig, config_from_dict, load_recipe
-from covidtl.data import Record, balanced_sampler_weights, parse_label_file, split_paths
+from covidtl.data import balanced_sampler_weights
 from covidtl.engine import EpochSampler, predict_scores, train_one_epoch
+from covidtl.labels import Record, parse_label_file, split_paths
 from covidtl.loaders import eval_loader, train_loader
 from covidtl.models import MODES, create_model, get_spec, list_models
 

@@ -14,16 +14,26 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from synthetic_inputs import export_tiny_model, xray_like
 from torchvision.transforms import v2
 
-from covidtl import data
+import covidtl.images
 from covidtl.explain import CAM_METHODS, explain
+from covidtl.images import (
+    REDUCING_GAP,
+    UnreadableImageError,
+    _opencv_decodes_alike,
+    _reduction,
+    _to_8bit,
+    load_image,
+    rescale_to_uint8,
+)
 from covidtl.inference import Predictor, load_upload
 from covidtl.models import create_model, get_spec, list_models
+from covidtl.transforms import build_transform, eval_geometry
 
 SIDE = 100  # the resize the caller makes; images of 200 px or more on the shorter side get reduced
 
 
 def _view(image: Image.Image, size: int = 90) -> np.ndarray:
-    geometry = v2.Compose(data.eval_geometry(size, 0.9))  # Resize(100), CenterCrop(90)
+    geometry = v2.Compose(eval_geometry(size, 0.9))  # Resize(100), CenterCrop(90)
     return np.asarray(geometry(image)).astype(np.int16)
 
 
@@ -50,8 +60,8 @@ def big_images(tmp_path):
 @pytest.mark.parametrize("kind", ["png8", "png16", "jpeg", "colour"])
 def test_reduced_decode_is_smaller_and_nearly_identical(big_images, kind):
     path = big_images[kind]
-    full, reduced = data.load_image(path), data.load_image(path, min_side=SIDE)
-    assert reduced.mode == "RGB" and min(reduced.size) >= data.REDUCING_GAP * SIDE
+    full, reduced = load_image(path), load_image(path, min_side=SIDE)
+    assert reduced.mode == "RGB" and min(reduced.size) >= REDUCING_GAP * SIDE
     assert reduced.width < full.width and reduced.height < full.height
     difference = np.abs(_view(full) - _view(reduced))
     assert difference.mean() < 1.0 and difference.max() <= 12, (difference.mean(), difference.max())
@@ -59,8 +69,8 @@ def test_reduced_decode_is_smaller_and_nearly_identical(big_images, kind):
 
 def test_reduced_decode_leaves_small_images_alone(big_images):
     for path in big_images.values():
-        full = data.load_image(path)
-        same = data.load_image(path, min_side=max(full.size))  # nothing to gain
+        full = load_image(path)
+        same = load_image(path, min_side=max(full.size))  # nothing to gain
         assert same.size == full.size and np.array_equal(np.asarray(same), np.asarray(full))
 
 
@@ -70,14 +80,14 @@ def test_reduced_16_bit_keeps_the_full_range(tmp_path):
     pixels = np.full((400, 400), 1000, dtype=np.uint16)
     pixels[0, 0], pixels[200:, :] = 4000, 2000
     path = _save(pixels, tmp_path / "hot.png")
-    reduced = np.asarray(data.load_image(path, min_side=SIDE))[..., 0]
+    reduced = np.asarray(load_image(path, min_side=SIDE))[..., 0]
     assert reduced.shape == (200, 200)
     assert reduced[50, 50] == 0 and reduced[150, 100] == round(1000 * 255 / 3000)
 
 
 def _pil_only(monkeypatch):
     """Make `load_image` decode 16-bit PNGs with PIL, as it does when OpenCV cannot."""
-    monkeypatch.setattr(data, "_opencv_decodes_alike", lambda opened: False)
+    monkeypatch.setattr(covidtl.images, "_opencv_decodes_alike", lambda opened: False)
 
 
 @pytest.mark.parametrize("shape", [(403, 301), (400, 300), (150, 90)])
@@ -86,14 +96,14 @@ def test_16_bit_png_decoded_by_opencv_equals_pil(tmp_path, monkeypatch, shape, m
     pixels = np.random.default_rng(1).integers(300, 3800, shape, endpoint=True).astype(np.uint16)
     path = _save(pixels, tmp_path / "deep.png")
     with Image.open(path) as opened:
-        assert data._opencv_decodes_alike(opened)  # the fast path is the one taken
-    fast = np.asarray(data.load_image(path, min_side=min_side))
-    stream = np.asarray(data.load_image(io.BytesIO(path.read_bytes()), min_side=min_side))
+        assert _opencv_decodes_alike(opened)  # the fast path is the one taken
+    fast = np.asarray(load_image(path, min_side=min_side))
+    stream = np.asarray(load_image(io.BytesIO(path.read_bytes()), min_side=min_side))
     _pil_only(monkeypatch)
-    slow = np.asarray(data.load_image(path, min_side=min_side))
+    slow = np.asarray(load_image(path, min_side=min_side))
     assert fast.shape == slow.shape and np.array_equal(fast, slow) and np.array_equal(stream, slow)
     # and both are the block means of the film, rescaled with the film's own range
-    factor = data._reduction(shape[::-1], min_side)
+    factor = _reduction(shape[::-1], min_side)
     height, width = shape[0] // factor, shape[1] // factor
     blocks = pixels[: height * factor, : width * factor].reshape(height, factor, width, factor)
     means = np.round(blocks.mean(axis=(1, 3)))
@@ -106,7 +116,7 @@ def test_big_endian_16_bit_images_reduce_like_little_endian():
     little = Image.fromarray(pixels)
     big = Image.frombytes("I;16B", little.size, pixels.astype(">u2").tobytes())
     for factor in (1, 3):
-        assert np.array_equal(np.asarray(data._to_8bit(big, factor)), np.asarray(data._to_8bit(little, factor)))
+        assert np.array_equal(np.asarray(_to_8bit(big, factor)), np.asarray(_to_8bit(little, factor)))
 
 
 def test_16_bit_pngs_opencv_would_misread_go_to_pil(tmp_path):
@@ -115,7 +125,7 @@ def test_16_bit_pngs_opencv_would_misread_go_to_pil(tmp_path):
     exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to view
     rotated = tmp_path / "rotated.png"
     Image.fromarray(pixels).save(rotated, exif=exif)
-    assert data.load_image(rotated).size == (300, 400)  # upright: EXIF applied by PIL
+    assert load_image(rotated).size == (300, 400)  # upright: EXIF applied by PIL
 
     encoded = io.BytesIO()
     Image.fromarray(pixels).save(encoded, format="PNG")
@@ -125,13 +135,13 @@ def test_16_bit_pngs_opencv_would_misread_go_to_pil(tmp_path):
     corrupt[idat + 4 + int.from_bytes(raw[idat - 4 : idat], "big")] ^= 0xFF  # IDAT checksum
     (tmp_path / "crc.png").write_bytes(bytes(corrupt))  # OpenCV refuses it, PIL reads it
     assert np.array_equal(
-        np.asarray(data.load_image(tmp_path / "crc.png")),
-        np.asarray(data.load_image(_save(pixels, tmp_path / "ok.png"))),
+        np.asarray(load_image(tmp_path / "crc.png")),
+        np.asarray(load_image(_save(pixels, tmp_path / "ok.png"))),
     )
 
     (tmp_path / "truncated.png").write_bytes(raw[: len(raw) // 2])
-    with pytest.raises(data.UnreadableImageError, match="truncated"):
-        data.load_image(tmp_path / "truncated.png")
+    with pytest.raises(UnreadableImageError, match="truncated"):
+        load_image(tmp_path / "truncated.png")
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16])
@@ -140,7 +150,7 @@ def test_table_rescale_matches_the_float_formula(dtype):
     values = np.random.default_rng(0).integers(info.min, info.max, (64, 64), endpoint=True).astype(dtype)
     low, high = float(values.min()), float(values.max())
     expected = np.round((values.astype(np.float64) - low) * (255.0 / (high - low))).astype(np.uint8)
-    assert np.array_equal(data.rescale_to_uint8(values), expected)
+    assert np.array_equal(rescale_to_uint8(values), expected)
 
 
 def test_load_upload_and_predictor_use_the_reduced_decode(tmp_path, big_images):
@@ -165,7 +175,7 @@ def test_grey_uploads_give_the_training_transform_exactly(tmp_path, big_images, 
         grey = load_upload(big_images[kind], min_side=SIDE)
         assert grey.mode == "L"
         rgb = grey.convert("RGB")
-        expected = data.build_transform(224, mean, std, train=False, crop_fraction=0.9)(rgb).unsqueeze(0)
+        expected = build_transform(224, mean, std, train=False, crop_fraction=0.9)(rgb).unsqueeze(0)
         assert torch.equal(predictor.preprocess(grey), expected) and torch.equal(predictor.preprocess(rgb), expected)
         assert np.array_equal(predictor.view(grey), predictor.view(rgb))
     assert load_upload(big_images["colour"], min_side=SIDE).mode == "RGB"

@@ -7,7 +7,9 @@ from collections import Counter
 import pytest
 from conftest import shared_data_dir
 
-from covidtl import data
+from covidtl.labels import SPLITS, Record, parse_label_file, split_paths
+from covidtl.locate import resolve_dataset_root
+from covidtl.scan import find_missing, scan_images
 
 SHARED = shared_data_dir()
 LABELS = SHARED / "covidnet-labels" if SHARED else None
@@ -24,24 +26,24 @@ def _label_file(name: str):
 
 
 def test_train_covidx9b_all_lines():
-    records = data.parse_label_file(_label_file("train_COVIDx9B.txt"))
+    records = parse_label_file(_label_file("train_COVIDx9B.txt"))
     assert len(records) == 30482
     assert {r.label for r in records} == {0, 1}
-    assert records[0] == data.Record("5", "ARDSSevere.png", 0, "cohen")
+    assert records[0] == Record("5", "ARDSSevere.png", 0, "cohen")
 
 
 def test_train_covidx8b_patient_ids_with_spaces():
-    records = data.parse_label_file(_label_file("train_COVIDx8B.txt"))
+    records = parse_label_file(_label_file("train_COVIDx8B.txt"))
     assert len(records) == 15952
     spaced = [r for r in records if " " in r.patient_id]
     assert len(spaced) == 943
-    assert data.Record("COVID 1", "COVID(1).png", 1, "sirm") in spaced
+    assert Record("COVID 1", "COVID(1).png", 1, "sirm") in spaced
     assert all(" " not in r.filename and " " not in r.source for r in records)
 
 
 def test_test_covidx9a_three_class_maps_to_binary():
-    three_class = data.parse_label_file(_label_file("test_COVIDx9A.txt"))
-    binary = data.parse_label_file(_label_file("test_COVIDx9B.txt"))
+    three_class = parse_label_file(_label_file("test_COVIDx9A.txt"))
+    binary = parse_label_file(_label_file("test_COVIDx9B.txt"))
     assert len(three_class) == len(binary) == 400
     assert Counter(r.label for r in three_class) == {1: 200, 0: 200}
     assert [r.label for r in three_class] == [r.label for r in binary]
@@ -53,9 +55,9 @@ def mini_splits():
     if not root.is_dir():
         pytest.skip(f"real data {root} is absent")
     splits = {}
-    for split in data.SPLITS:
-        label_file, image_dir = data.split_paths(root, split)
-        splits[split] = (data.parse_label_file(label_file), image_dir)
+    for split in SPLITS:
+        label_file, image_dir = split_paths(root, split)
+        splits[split] = (parse_label_file(label_file), image_dir)
     return splits
 
 
@@ -67,8 +69,8 @@ def test_covidx_mini_counts_and_images(mini_splits, split, total, positive):
     records, image_dir = mini_splits[split]
     assert len(records) == total
     assert sum(r.label for r in records) == positive
-    assert data.find_missing(records, image_dir) == []
-    assert data.scan_images(records, image_dir) == records
+    assert find_missing(records, image_dir) == []
+    assert scan_images(records, image_dir) == records
 
 
 def test_covidx_mini_patients_disjoint(mini_splits):
@@ -82,4 +84,4 @@ def test_covidx_mini_resolves_as_local_root():
     root = SHARED / "covidx-mini"
     if not root.is_dir():
         pytest.skip(f"real data {root} is absent")
-    assert data.resolve_dataset_root(root) == root
+    assert resolve_dataset_root(root) == root

@@ -220,7 +220,7 @@ def test_a_shipped_threshold_is_the_rule_applied_to_validation(covidx_mini):
     Predictor), and the card's validation confusion counts follow from it. One model, the
     smallest (the real films take seconds to decode); the training run's threshold is
     checked the same way in tests/test_training_claims.py."""
-    from covidtl.data import parse_label_file
+    from covidtl.labels import parse_label_file
     from covidtl.inference import load_upload
 
     shipped = list_exported(ROOT / "weights")

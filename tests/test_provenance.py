@@ -2,7 +2,7 @@
 
 import json
 
-from covidtl.data import Record
+from covidtl.labels import Record
 from covidtl.provenance import SOURCES, UNKNOWN, shortcut_warnings, source_table, split_summary
 
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from covidtl import metrics
-from covidtl.data import parse_label_file
 from covidtl.engine import predict_scores
 from covidtl.export import list_exported, load_model, read_card
+from covidtl.labels import parse_label_file
 from covidtl.loaders import eval_loader
 from train import model_table
 

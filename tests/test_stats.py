@@ -6,14 +6,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from covidtl import data
-from covidtl.data import Record
+from covidtl.labels import Record, parse_label_file, split_paths
 from covidtl.stats import COVIDX_STATS, compute_stats, reference_stats
 
 
 def _split(root, split="train"):
-    label_file, image_dir = data.split_paths(root, split)
-    return data.parse_label_file(label_file), image_dir
+    label_file, image_dir = split_paths(root, split)
+    return parse_label_file(label_file), image_dir
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])

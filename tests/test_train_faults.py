@@ -77,7 +77,7 @@ def test_a_corrupt_image_is_fatal_by_default_with_one_line_naming_it(tiny_covidx
             MIDDLE,
             marks=pytest.mark.xfail(
                 strict=True,
-                reason="without the image cache (this recipe's cache = none), covidtl.data._probe_image checks "
+                reason="without the image cache (this recipe's cache = none), covidtl.scan._probe_image checks "
                 "only the chunk CRCs of a PNG (verify()), so a PNG with intact CRCs but undecodable pixel data "
                 "passes the scan and stops training mid-epoch; the cache build finds it (test below)",
             ),

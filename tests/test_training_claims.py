@@ -28,7 +28,9 @@ from safetensors.torch import load_file
 
 import train.run as train_run
 from covidtl import metrics
-from covidtl.data import build_transform, load_image, parse_label_file
+from covidtl.images import load_image
+from covidtl.labels import parse_label_file
+from covidtl.transforms import build_transform
 from covidtl.inference import Predictor, load_upload
 from covidtl.models import get_spec
 from conftest import make_covidx_folder

@@ -18,20 +18,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from covidtl.data import (
-    CorruptImagesError,
-    DatasetUnavailableError,
-    LabelFileError,
-    MissingImagesError,
-    check_images,
-    parse_label_file,
-    scan_images,
-    split_paths,
-)
 from covidtl.engine import predict_scores
 from covidtl.evaluation import report_with_plots
 from covidtl.export import CardError, atomic_write_json, load_model
+from covidtl.labels import LabelFileError, parse_label_file, split_paths
 from covidtl.loaders import eval_loader
+from covidtl.locate import DatasetUnavailableError
+from covidtl.scan import CorruptImagesError, MissingImagesError, check_images, scan_images
 
 log = logging.getLogger("train.evaluate")
 

@@ -37,8 +37,14 @@ def model_rows(cards: list[dict]) -> list[str]:
     return rows
 
 
+def own_lungs(card: dict) -> bool:
+    """Was the card's Grad-CAM audit made with each image's own lung mask (not the prior)?"""
+    return "lungs" in card.get("shortcut_audit", {}).get("regions", {})
+
+
 def source_rows(cards: list[dict]) -> list[str]:
-    rows = ["| model | source | n (positive) | sensitivity | specificity | lung-field CAM energy | border CAM energy |",
+    lung_column = "lung CAM energy" if any(own_lungs(card) for card in cards) else "lung-field CAM energy"
+    rows = [f"| model | source | n (positive) | sensitivity | specificity | {lung_column} | border CAM energy |",
             "|---|---|---|---|---|---|---|"]
     for card in cards:
         report = card["metrics"][card.get("evaluated_on", "test")]
@@ -48,8 +54,30 @@ def source_rows(cards: list[dict]) -> list[str]:
             rows.append(
                 f"| `{card['name']}` | {source} | {entry['n']} ({entry['n_positive']}) | "
                 f"{fmt(entry['metrics']['sensitivity'])} | {fmt(entry['metrics']['specificity'])} | "
-                f"{shares.get('lung_field', 'n/a')} | {shares.get('border', 'n/a')} |"
+                f"{shares.get('lungs', shares.get('lung_field', 'n/a'))} | {shares.get('border', 'n/a')} |"
             )
+    return rows
+
+
+def lung_model_rows(weights_dir: Path) -> list[str]:
+    """The lung segmentation model(s), apart from the classifiers."""
+    import json
+
+    paths = list_exported(weights_dir, task="lung_segmentation")
+    if not paths:
+        return []
+    rows = ["", "## Lung segmentation model", "",
+            "Finds the lungs for the lung crop (`crop = \"lungs\"`) and the Grad-CAM audit; not a classifier. "
+            "Dice at each image's own size on lung-masks (V7 Labs masks of Cohen-collection films); "
+            "implausible: predicted masks `covidtl.lungs.check_mask` rejects.", "",
+            "| model | input | parameters | val Dice (mean) | test Dice (mean / median / min) | implausible (test) | MB |",
+            "|---|---|---|---|---|---|---|"]
+    for path in paths:
+        card = json.loads(path.with_suffix(".json").read_text())
+        val, test = card["metrics"]["val"], card["metrics"]["test"]
+        rows.append(f"| `{card['name']}` | {card['input_size']} px | {card['parameters']:,} | {val['dice_mean']:.4f} | "
+                    f"{test['dice_mean']:.4f} / {test['dice_median']:.4f} / {test['dice_min']:.4f} | "
+                    f"{test['implausible']} of {test['images']} | {path.stat().st_size / 2**20:.1f} |")
     return rows
 
 
@@ -70,12 +98,19 @@ def render(weights_dir: Path) -> str:
     if not cards:
         return "\n".join(lines + ["No exported models yet: train one with `python -m train --recipe ...`.", ""])
     lines += model_rows(cards)
-    lines += ["", "## Per source, and where Grad-CAM looks", "",
-              "Lung-field and border columns: mean share of Grad-CAM energy (positive class) in the two-ellipse",
-              "lung-field prior and in the outer 10 % frame; see `covidtl/audit.py`. Area shares: "
-              + ", ".join(f"{k} {v:.0%}" for k, v in cards[0].get("shortcut_audit", {}).get("area_share", {}).items())
-              + ".", ""]
+    if any(own_lungs(card) for card in cards):
+        note = ["Lung and border columns: mean share of Grad-CAM energy (positive class) inside each image's own",
+                "lungs (lung model; the two-ellipse prior where its mask is implausible, and for cards audited",
+                "before the lung model: `python -m train.audit` redoes them) and in the outer 10 % frame; see",
+                "`covidtl/audit.py`. Area shares (mean over images, first card): "]
+    else:
+        note = ["Lung-field and border columns: mean share of Grad-CAM energy (positive class) in the two-ellipse",
+                "lung-field prior and in the outer 10 % frame; see `covidtl/audit.py`. Area shares: "]
+    areas = cards[0].get("shortcut_audit", {}).get("area_share", {})
+    note[-1] += ", ".join(f"{k} {v:.0%}" for k, v in areas.items() if v is not None) + "."
+    lines += ["", "## Per source, and where Grad-CAM looks", "", *note, ""]
     lines += source_rows(cards)
+    lines += lung_model_rows(weights_dir)
     lines += ["", "## How each model was made", ""]
     for card in cards:
         data = card["data"]
@@ -89,6 +124,10 @@ def render(weights_dir: Path) -> str:
             "- Sources: " + "; ".join(f"{s}: {v['description']} ({v['population']}; license {v['license']})"
                                        for s, v in data["sources"].items()),
             f"- Threshold {card['threshold']:.4f}: {card['threshold_rule']}",
+            *([f"- Lung crop: lung model `{card['lung_crop']['lung_model']}`, margin {card['lung_crop']['margin']}; "
+               "kept whole (implausible mask): " + ", ".join(f"{s} {n}/{card['lung_crop']['images'][s]}"
+                                                              for s, n in card['lung_crop']['kept_whole'].items())]
+              if card.get("lung_crop") else []),
             f"- Intended use: {card['intended_use']}",
             "- Limitations:",
             *(f"  - {text}" for text in card["limitations"]),

@@ -29,27 +29,17 @@ from covidtl import metrics, plots
 from covidtl.audit import cam_audit
 from covidtl.cache import ImageCache, default_cache_dir, ensure_cache
 from covidtl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from covidtl.config import CACHE, TrainConfig, load_recipe
-from covidtl.data import (
-    KAGGLE_HANDLE,
-    CorruptImagesError,
-    DatasetUnavailableError,
-    LabelFileError,
-    MissingImagesError,
-    check_images,
-    class_weights,
-    parse_label_file,
-    resolve_dataset_root,
-    scan_images,
-    skip_corrupt,
-    split_paths,
-)
+from covidtl.config import CACHE, CROP, TrainConfig, load_recipe
+from covidtl.data import class_weights
 from covidtl.engine import predict_scores, train_one_epoch
 from covidtl.evaluation import report_with_plots
 from covidtl.export import CardError, atomic_save_tensors, atomic_write_json, export_model, sha256_file, unwrap
+from covidtl.labels import LabelFileError, parse_label_file, split_paths
 from covidtl.loaders import eval_loader, train_loader
+from covidtl.locate import KAGGLE_HANDLE, DatasetUnavailableError, resolve_dataset_root
 from covidtl.models import PretrainedWeightsUnavailable, count_parameters, create_model, get_spec, list_models
 from covidtl.provenance import shortcut_warnings, source_table, split_summary
+from covidtl.scan import CorruptImagesError, MissingImagesError, check_images, scan_images, skip_corrupt
 from covidtl.stats import compute_stats
 
 log = logging.getLogger("train")
@@ -108,6 +98,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cache", choices=CACHE,
                    help="override the recipe's image cache: decode every image once into a pre-resized memory-mapped "
                         "cache, grey (X-rays; a third of the bytes) or rgb, or none (decode every epoch)")
+    p.add_argument("--crop", choices=CROP,
+                   help="override the recipe's crop: 'lungs' cuts each image to its lungs (needs a cache), 'none' keeps it whole")
+    p.add_argument("--lung-weights", type=Path, help="lung model for --crop lungs (default: the shipped "
+                   "weights/lungs_lite0_unet.safetensors)")
     p.add_argument("--cache-dir", type=Path, help=f"where image caches live (default {default_cache_dir()}, $COVIDTL_CACHE)")
     p.add_argument("--on-missing", choices=("error", "skip"), default="error", help="images listed but absent")
     p.add_argument("--on-corrupt", choices=("error", "skip"), default="error", help="images that do not decode")
@@ -165,13 +159,14 @@ def load_splits(root: Path, on_missing: str, on_corrupt: str, scan: bool = True)
 
 
 def prepare_caches(config: TrainConfig, root: Path, splits, input_size: int, cache_dir: Path | None,
-                   on_corrupt: str, show: bool) -> tuple[dict, dict[str, ImageCache]]:
+                   on_corrupt: str, show: bool, lung_weights: Path | None = None) -> tuple[dict, dict[str, ImageCache]]:
     """(splits, {split: image cache}) when the recipe asks for a cache: built on the first run,
     reused after (rebuilt when a label file or an image changes); concurrent ranks build each
     one once. The build decodes every image, so it is the corrupt-image check of cached runs,
     stricter than the quick scan (it also finds a PNG whose pixel data is damaged under
     intact checksums): with `on_corrupt` "skip" those records leave the split and the cache
-    is built without them."""
+    is built without them. With `lung_weights` (crop = "lungs") each image is cut to its lungs
+    in the build; the log counts, per split, the images kept whole (implausible lung mask)."""
     if config.cache == "none":
         return splits, {}
     splits, caches = dict(splits), {}
@@ -179,7 +174,8 @@ def prepare_caches(config: TrainConfig, root: Path, splits, input_size: int, cac
         label_file = split_paths(root, split)[0]
         bar = lambda it, split=split: tqdm(it, desc=f"caching {split}", leave=False, disable=not show)
         build = partial(ensure_cache, image_dir=image_dir, label_file=label_file, cache_dir=cache_dir,
-                        input_size=input_size, crop_fraction=config.crop_fraction, color=config.cache, progress=bar)
+                        input_size=input_size, crop_fraction=config.crop_fraction, color=config.cache, progress=bar,
+                        lung_weights=lung_weights)
         try:
             caches[split] = build(records)
         except CorruptImagesError as err:
@@ -188,7 +184,58 @@ def prepare_caches(config: TrainConfig, root: Path, splits, input_size: int, cac
             records = skip_corrupt(records, err.reasons, image_dir)
             splits[split] = (records, image_dir)
             caches[split] = build(records)
+        if lung_weights is not None:
+            log.info("lung crop, %s: %d of %d images kept whole (implausible lung mask)", split,
+                     len(caches[split].kept_whole), len(records))
     return splits, caches
+
+
+def lung_weights_for(config: TrainConfig, args: argparse.Namespace) -> Path | None:
+    """The lung model file of a crop = "lungs" run (None otherwise); checked before any data work."""
+    if config.crop != "lungs":
+        return None
+    from covidtl.lungs import default_lung_weights, load_lung_model
+
+    path = args.lung_weights or default_lung_weights()
+    load_lung_model(path)  # a missing or damaged lung model fails now, with its path
+    return path
+
+
+def lung_crop_card(lung_weights: Path, caches: dict[str, ImageCache]) -> dict:
+    """The card's record of a lung-cropped run: which lung model, and the images kept whole."""
+    from covidtl.lungs import CROP_MARGIN, load_lung_model
+
+    lung_card = load_lung_model(lung_weights)[1]
+    return {
+        "lung_model": lung_card["name"],
+        "lung_model_sha256": lung_card["weights_sha256"],
+        "margin": CROP_MARGIN,
+        "kept_whole": {split: len(cache.kept_whole) for split, cache in caches.items()},
+        "images": {split: len(cache) for split, cache in caches.items()},
+        "rule": "crop to the lungs' bounding box plus the margin (of its width/height, each side) before the resize "
+                "and center crop; an image whose predicted lung mask is implausible (covidtl.lungs.check_mask) is "
+                "kept whole",
+    }
+
+
+def audit_lung_masks(config: TrainConfig, args: argparse.Namespace, split, input_size: int,
+                     lung_weights: Path | None) -> list | None:
+    """Each evaluation image's own lung mask in the model's input frame, for the Grad-CAM audit:
+    from the crop's lung model, else `--lung-weights` or the shipped one; None (the ellipse
+    prior) when there is no lung model."""
+    from covidtl.lungs import default_lung_weights, load_lung_model, view_lung_masks
+
+    path = lung_weights or args.lung_weights or default_lung_weights()
+    if not Path(path).is_file():
+        log.info("no lung model at %s: the Grad-CAM audit uses the two-ellipse lung prior", path)
+        return None
+    records, image_dir = split
+    lung_model = load_lung_model(path)[0]
+    masks = view_lung_masks([image_dir / r.filename for r in records], lung_model, input_size, config.crop_fraction,
+                            cropped=config.crop == "lungs")
+    log.info("Grad-CAM audit: own lung masks for %d of %d images (the rest: ellipse prior)",
+             sum(m is not None for m in masks), len(masks))
+    return masks
 
 
 def normalization(config: TrainConfig, args: argparse.Namespace, train_split, input_size: int, show: bool,
@@ -238,7 +285,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = {
         "name": args.name, "backbone": args.backbone, "epochs": args.epochs, "batch_size": args.batch_size,
         "num_workers": args.num_workers, "lr": args.lr, "seed": args.seed, "pretrained": args.pretrained,
-        "cache": args.cache,
+        "cache": args.cache, "crop": args.crop,
     }
     config = load_recipe(find_recipe(args.recipe), overrides)
     rank, world_size, device = setup_distributed(args.device)
@@ -256,7 +303,9 @@ def run(args: argparse.Namespace) -> int:
 
     root = resolve_dataset_root(args.data, handle=args.kaggle_handle, version=args.kaggle_version)
     splits = load_splits(root, args.on_missing, args.on_corrupt, scan=config.cache == "none")
-    splits, caches = prepare_caches(config, root, splits, spec.input_size, args.cache_dir, args.on_corrupt, show)
+    lung_weights = lung_weights_for(config, args)
+    splits, caches = prepare_caches(config, root, splits, spec.input_size, args.cache_dir, args.on_corrupt, show,
+                                    lung_weights)
     (train_records, train_dir), val_records = splits["train"], splits["val"][0]
     val_labels = np.array([r.label for r in val_records])
     if len(set(val_labels.tolist())) < 2:
@@ -346,7 +395,8 @@ def run(args: argparse.Namespace) -> int:
         dist.barrier()  # rank 0 has written best.safetensors
     unwrap(model).load_state_dict(load_file(run_dir / "best.safetensors", device=str(device)))
     final = evaluate_and_export(model, config, args, root, splits, loaders, mean, std, norm_source, history,
-                                best_epoch, device, use_amp, channels_last, write=main_process)
+                                best_epoch, device, use_amp, channels_last, write=main_process,
+                                lung_weights=lung_weights, caches=caches)
     log.info("rank %d/%d final: threshold %.4f, test %s", rank, world_size, final["threshold"], final["summary"])
     if world_size > 1:
         dist.destroy_process_group()
@@ -354,7 +404,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def evaluate_and_export(model, config, args, root, splits, loaders, mean, std, norm_source, history, best_epoch,
-                        device, use_amp, channels_last, write: bool) -> dict:
+                        device, use_amp, channels_last, write: bool, lung_weights: Path | None = None,
+                        caches: dict | None = None) -> dict:
     """Threshold on val, reports on val/test (`loaders`), plots, card, export (when `write`)."""
     spec = get_spec(config.backbone)
     scores = {}
@@ -378,8 +429,9 @@ def evaluate_and_export(model, config, args, root, splits, loaders, mean, std, n
     plot_files["history"] = Path(history_png).name
 
     bar = lambda it: tqdm(it, desc="Grad-CAM audit", leave=False, disable=not args.progress)  # noqa: E731
+    lung_masks = audit_lung_masks(config, args, splits[eval_split], spec.input_size, lung_weights)
     audit = cam_audit(unwrap(model), spec.cam_layer, loaders[eval_split], scores[eval_split][2], device=device,
-                      progress=bar)
+                      progress=bar, lung_masks=lung_masks)
     train_records = splits["train"][0]
     all_sources = [r.source for records, _ in splits.values() for r in records]
     label_files = {split: split_paths(root, split)[0] for split in splits}
@@ -397,6 +449,7 @@ def evaluate_and_export(model, config, args, root, splits, loaders, mean, std, n
         "metrics": reports,
         "evaluated_on": eval_split,
         "shortcut_audit": {"split": eval_split, **audit},
+        **({"lung_crop": lung_crop_card(lung_weights, caches or {})} if lung_weights is not None else {}),
         "best_epoch": best_epoch,
         "epochs_run": len(history),
         "initialisation": (spec.pretrained_source if config.pretrained

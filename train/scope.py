@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from covidtl.data import load_image, parse_label_file, split_paths
+from covidtl.images import load_image
+from covidtl.labels import parse_label_file, split_paths
 from PIL import Image
 
 from covidtl.scope import (

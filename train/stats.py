@@ -14,7 +14,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from covidtl.data import LabelFileError, MissingImagesError, check_images, parse_label_file, split_paths
+from covidtl.labels import LabelFileError, parse_label_file, split_paths
+from covidtl.scan import MissingImagesError, check_images
 from covidtl.stats import compute_stats
 
 
