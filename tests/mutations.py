@@ -160,8 +160,8 @@ MUTATIONS = [
              ("tests/test_benchmarks.py::test_stats_pass_fails_when_the_statistics_differ_beyond_its_tolerance",)),
     # ---- audit, app
     Mutation("audit masks swapped", "covidtl/audit.py",
-             'masks = {"lung_field": lung_mask(heatmap.shape[0]), "border": border_mask(heatmap.shape[0])}',
-             'masks = {"lung_field": border_mask(heatmap.shape[0]), "border": lung_mask(heatmap.shape[0])}',
+             'masks = {"lung_field": lung_mask(size), "border": border_mask(size)}',
+             'masks = {"lung_field": border_mask(size), "border": lung_mask(size)}',
              ("tests/test_audit.py::test_cam_audit_averages_the_shares_of_each_image",)),
     Mutation("audit mean -> max", "covidtl/audit.py",
              "round(float(np.nanmean(values)), 4)", "round(float(np.nanmax(values)), 4)",
