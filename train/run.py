@@ -212,7 +212,7 @@ def package_versions() -> dict[str, str]:
 MACHINE_FOLDER_OPTIONS = ("--cache-dir", "--runs-dir", "--weights-dir")
 
 
-def shipped_command(argv: list[str]) -> str:
+def shipped_command(argv: list[str], prog: str = "python -m train") -> str:
     """The training command for the card: without this machine's folders (cache, runs,
     weights) and with any other absolute path cut to its last part (STYLE rule 13)."""
     kept, skip = [], False
@@ -228,7 +228,7 @@ def shipped_command(argv: list[str]) -> str:
             head, _, value = token.rpartition("=")
             token = (head + "=" if head else "") + ".../" + Path(value).name
         kept.append(token)
-    return " ".join(["python", "-m", "train", *kept])
+    return " ".join([prog, *kept])
 
 
 def finite(x: float) -> float | None:
