@@ -67,3 +67,12 @@ def test_the_table_shows_calibration_marks_and_adult_pooled_rows():
                                                   "overall": {"auc": metric, "sensitivity": metric, "specificity": metric}}}
     rows = model_table.source_rows([{"name": "m", "metrics": {"test": report}}])
     assert rows[2].startswith("| `m` | **adult pooled** (cohen + nih) | 10 (2) | 0.900 (0.80–1.00) |")
+
+
+def test_the_card_command_carries_no_machine_folder():
+    from train.run import shipped_command
+
+    argv = ["--recipe", "train/recipes/plus/x.toml", "--data", "/home/me/data/covidx-plus", "--cache-dir", "/tmp/c",
+            "--runs-dir=/tmp/r", "--weights-dir", "w", "--resume", "--epochs", "3", "--no-progress"]
+    assert shipped_command(argv) == ("python -m train --recipe train/recipes/plus/x.toml --data .../covidx-plus "
+                                     "--epochs 3 --no-progress")

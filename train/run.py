@@ -214,13 +214,16 @@ MACHINE_FOLDER_OPTIONS = ("--cache-dir", "--runs-dir", "--weights-dir")
 
 def shipped_command(argv: list[str], prog: str = "python -m train") -> str:
     """The training command for the card: without this machine's folders (cache, runs,
-    weights) and with any other absolute path cut to its last part (STYLE rule 13)."""
+    weights), with any other absolute path cut to its last part (STYLE rule 13), and
+    without --resume (a resumed run reproduces the uninterrupted one)."""
     kept, skip = [], False
     for token in argv:
         if skip:
             skip = False
             continue
         option = token.split("=", 1)[0]
+        if option == "--resume":
+            continue
         if option in MACHINE_FOLDER_OPTIONS:
             skip = "=" not in token
             continue
