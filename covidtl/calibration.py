@@ -23,8 +23,9 @@ import numpy as np
 
 from covidtl.classes import POSITIVE
 
-# The fitted T is searched in [1/20, 20]: beyond, the scores are all ~0.5 or all 0/1.
-T_BOUNDS = (0.05, 20.0)
+# The fitted T is searched in [1/100, 100]: beyond, the scores are all ~0.5 or all 0/1
+# (a weak model with near-constant logits can want T well below 1).
+T_BOUNDS = (0.01, 100.0)
 N_BINS = 10
 
 

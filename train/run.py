@@ -264,6 +264,8 @@ def fit(model: nn.Module, loader, sampler, val_loader, criterion: nn.Module, con
     if resume:
         state = load_checkpoint(run_dir / "last", model, optimizer)
         saved = TrainConfig.defaults() | state["config"]  # keys added since the checkpoint: their defaults
+        # JSON gave back tuples (mean, std) as lists
+        saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
         changed = sorted(k for k, v in config.to_dict().items() if k not in EXPORT_ONLY and saved.get(k) != v)
         if changed:  # only the epoch budget and export marks may change on resume
             raise CheckpointError(f"{run_dir}/last was made with other settings ({changed}); resume with the same recipe and flags")
