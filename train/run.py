@@ -384,6 +384,10 @@ def evaluate_and_export(model, config, args, root, splits, loaders, mean, std, n
     """Temperature on val, threshold on calibrated val scores, reports on val/test
     (`loaders`), plots, card, export (when `write`)."""
     spec = get_spec(config.backbone)
+    if config.weights_dtype == "float16":  # score the weights as they will be stored, so the card tells their truth
+        plain = unwrap(model)
+        plain.load_state_dict({k: v.half().to(v.dtype) if v.is_floating_point() else v
+                               for k, v in plain.state_dict().items()})
     logits = {}
     for split in loaders:
         z, y, _ = predict_logits(model, loaders[split], device, amp=use_amp, channels_last=channels_last)
