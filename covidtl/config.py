@@ -14,6 +14,8 @@ from typing import Any
 
 from covidtl.models import MODES, list_models
 
+# Keys that change only what is exported, not the training: a --resume may change them.
+EXPORT_ONLY = ("epochs", "default", "n_boot", "min_sensitivity")
 BALANCE = ("none", "loss", "sampler", "sampler_source")
 CACHE = ("none", "gray", "rgb")  # "none", or the colour of a covidtl.cache image cache
 CROP = ("none", "lungs")  # "lungs": cut each image to its lungs (covidtl.lungs.crop_to_lungs)
@@ -40,6 +42,12 @@ class TrainConfig:
     rotation: float = 10.0
     color_jitter: float = 0.1
     crop_scale: float = 1.0  # < 1: random crops of this much of the area or more (training only)
+    # intensity augmentation (training only, covidtl.augment): gamma range log(1 + gamma),
+    # Gaussian blur probability, Gaussian noise std up to `noise` (on [0, 1] pixels)
+    gamma: float = 0.0
+    blur: float = 0.0
+    noise: float = 0.0
+    label_smoothing: float = 0.0  # CrossEntropyLoss(label_smoothing=...)
     # "loss": class-weighted cross entropy; "sampler": class-balanced sampling;
     # "sampler_source": balanced over (label, source) pairs, against source shortcuts.
     balance: str = "loss"
@@ -58,6 +66,9 @@ class TrainConfig:
     amp: bool = True  # CUDA only
     channels_last: bool = True  # CUDA only
     weights_dtype: str = "float32"
+    # Export marks, not training settings (a resumed run may change them): `default` marks
+    # the card of the model the app uses when none is named (one shipped model only).
+    default: bool = False
 
     def __post_init__(self) -> None:
         if self.backbone not in list_models():
@@ -78,6 +89,8 @@ class TrainConfig:
             raise ValueError(f"weights_dtype must be 'float32' or 'float16', not {self.weights_dtype!r}")
         if not 0 < self.crop_fraction <= 1:
             raise ValueError(f"crop_fraction must be in (0, 1], not {self.crop_fraction}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), not {self.label_smoothing}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be positive")
 

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
-from covidtl.classes import POSITIVE
+from covidtl.calibration import positive_scores
 
 Progress = Callable[[Iterable], Iterable] | None
 
@@ -69,7 +69,7 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def predict_scores(
+def predict_logits(
     model: nn.Module,
     loader: DataLoader,
     device: torch.device | str,
@@ -78,25 +78,44 @@ def predict_scores(
     channels_last: bool = False,
     progress: Progress = None,
 ) -> tuple[np.ndarray, np.ndarray, float]:
-    """P(positive) for every image of `loader`, in loader order.
+    """The model's logits for every image of `loader`, in loader order.
 
-    Returns (scores [N] float64 in [0, 1], labels [N] int64, mean loss or nan). Every
+    Returns (logits [N, n_classes] float64, labels [N] int64, mean loss or nan). Every
     process evaluates the whole loader (no sharding), so all ranks agree exactly.
     """
     device = torch.device(device)
     model.eval()
-    scores, labels_all, loss_sum = [], [], 0.0
+    logits_all, labels_all, loss_sum = [], [], 0.0
     for images, labels in progress(loader) if progress else loader:
         images, labels = _to_device(images, labels, device, channels_last)
         with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
             logits = model(images).float()
         if criterion is not None:
             loss_sum += criterion(logits, labels).item() * len(labels)
-        scores.append(torch.softmax(logits, dim=1)[:, POSITIVE].double().cpu())
+        logits_all.append(logits.double().cpu())
         labels_all.append(labels.cpu())
-    n = sum(len(s) for s in scores)
+    n = sum(len(s) for s in logits_all)
     mean_loss = loss_sum / n if criterion is not None and n else float("nan")
-    return torch.cat(scores).numpy(), torch.cat(labels_all).numpy(), mean_loss
+    return torch.cat(logits_all).numpy(), torch.cat(labels_all).numpy(), mean_loss
+
+
+def predict_scores(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device | str,
+    criterion: nn.Module | None = None,
+    amp: bool = False,
+    channels_last: bool = False,
+    progress: Progress = None,
+    temperature: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """P(positive) = softmax(logits / temperature)[:, POSITIVE] for every image of `loader`.
+
+    Returns (scores [N] float64 in [0, 1], labels [N] int64, mean loss or nan; the loss is
+    that of the raw logits, as trained). See `predict_logits`.
+    """
+    logits, labels, mean_loss = predict_logits(model, loader, device, criterion, amp, channels_last, progress)
+    return positive_scores(logits, temperature), labels, mean_loss
 
 
 class EpochSampler(Sampler[int]):

@@ -11,6 +11,7 @@ a half-written file that a loader would pick up.
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 import os
 import tempfile
@@ -128,6 +129,19 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+def card_temperature(card: dict[str, Any]) -> float:
+    """The card's calibration temperature T: shown and thresholded probabilities are
+    softmax(logits / T). A card without one (exported before calibration existed) means
+    T = 1: its threshold was chosen on plain softmax scores, so T = 1 keeps the threshold
+    and the scores it applies to consistent. Raises CardError for a T that is not a
+    finite number > 0."""
+    value = card.get("temperature", 1.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise CardError(f"card {card.get('name')!r}: temperature must be a finite number > 0, not {value!r}; "
+                        "re-export the model")
+    return float(value)
+
+
 def read_card(path: Path) -> dict[str, Any]:
     """Read and validate a card; raises CardError naming the file and the problem."""
     path = Path(path)
@@ -147,6 +161,10 @@ def read_card(path: Path) -> dict[str, Any]:
     try:
         get_spec(card["architecture"])
     except ValueError as err:
+        raise CardError(f"{path}: {err}") from None
+    try:
+        card_temperature(card)
+    except CardError as err:
         raise CardError(f"{path}: {err}") from None
     return card
 

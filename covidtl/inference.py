@@ -30,7 +30,7 @@ from torchvision.transforms import v2
 from covidtl.classes import CLASSES, POSITIVE
 from covidtl.dicom import HEAD_LENGTH, DicomError, is_dicom, read_dicom
 from covidtl.explain import DEFAULT_METHOD, explain
-from covidtl.export import CARD_SUFFIX, CardError, list_exported, load_model, read_card
+from covidtl.export import CARD_SUFFIX, CardError, card_temperature, list_exported, load_model, read_card
 from covidtl.images import UnreadableImageError, load_image
 from covidtl.models import ModelSpec, get_spec
 from covidtl.transforms import eval_geometry, input_steps
@@ -192,7 +192,8 @@ def _l_or_rgb(image: Image.Image) -> Image.Image:
 class Prediction:
     """One model's answer for one image.
 
-    `probabilities` maps every name in `CLASSES` to its softmax probability;
+    `probabilities` maps every name in `CLASSES` to its calibrated probability,
+    softmax(logits / T) with the card's temperature T;
     `decision` is True (COVID-19 flagged) when ``p_positive >= threshold``, the model's
     operating threshold from its card. `latency_ms` covers preprocessing (when the call
     did it) and the forward pass, not time spent waiting for the model's lock.
@@ -230,6 +231,8 @@ class Predictor:
         self.name: str = card["name"]
         self.spec: ModelSpec = get_spec(card["architecture"])
         self.threshold = float(card["threshold"])
+        # shown and thresholded probabilities are softmax(logits / T), as at export
+        self.temperature = card_temperature(card)
         self.input_size = int(card["input_size"])
         self.crop_fraction = float(card.get("crop_fraction", DEFAULT_CROP_FRACTION))
         self.mean = tuple(float(m) for m in card["mean"])
@@ -298,7 +301,7 @@ class Predictor:
             with torch.inference_mode():
                 logits = self.model(x)
             elapsed += time.perf_counter() - start
-        probs = torch.softmax(logits.float(), dim=1)[0].tolist()
+        probs = torch.softmax(logits.float() / self.temperature, dim=1)[0].tolist()
         p_positive = probs[POSITIVE]
         return Prediction(
             probabilities=dict(zip(CLASSES, probs)),

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from covidtl.augment import intensity_steps
 from covidtl.cache import CachedDataset, ImageCache
 from covidtl.config import TrainConfig
 from covidtl.data import CovidxDataset, balanced_sampler_weights
@@ -87,6 +88,7 @@ def train_loader(
         rotation=config.rotation,
         color_jitter=config.color_jitter,
         crop_scale=config.crop_scale,
+        intensity=intensity_steps(config.gamma, config.blur, config.noise),
     )
     weights = None
     if config.balance == "sampler":

@@ -242,3 +242,38 @@ def plot_per_source(report: dict, path: Path) -> Path:
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="upper center", ncols=2)
     return _save(fig, path)
+
+
+def plot_reliability(panels: dict[str, dict[str, list[dict]]], path: Path, title: str = "") -> Path:
+    """Reliability diagram: fraction positive against mean P(COVID-19) per score bin.
+
+    Args:
+        panels: one panel per key (e.g. a split), each mapping a curve label (e.g.
+            "before, ECE 0.08") to `covidtl.calibration.reliability_bins` output; empty
+            bins are left out, marker area grows with the bin's image count.
+        path: output PNG.
+        title: figure title.
+    """
+    if not panels:
+        raise ValueError("panels is empty; pass at least one {curve label: bins}")
+    fig = Figure(figsize=(4.5 * len(panels), 4.8), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(panels)))
+    for ax, (panel, curves) in zip(axes, panels.items()):
+        ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
+        for (label, bins), color in zip(curves.items(), ("tab:orange", "tab:blue", "tab:green")):
+            kept = [b for b in bins if b["n"]]
+            xs = [b["mean_score"] for b in kept]
+            ys = [b["fraction_positive"] for b in kept]
+            ax.plot(xs, ys, color=color, marker="o", label=label)
+            ax.scatter(xs, ys, s=[8 + 4 * b["n"] for b in kept], color=color, alpha=0.3)
+        ax.set_xlim(-0.02, 1.02)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel(f"mean P({DISPLAY_NAMES[CLASSES[POSITIVE]]}) in bin")
+        ax.set_ylabel("fraction positive in bin")
+        ax.set_title(panel)
+        ax.set_aspect("equal")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper left", fontsize="small")
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)

@@ -33,9 +33,20 @@ SOURCES: dict[str, SourceInfo] = {
         "pediatric",
         "CC BY 4.0",
     ),
+    "nih": SourceInfo(
+        "NIH ChestX-ray14 (Wang et al., 2017), adults, 'No Finding' and non-COVID-19 pneumonia, collected before 2020",
+        "adult",
+        "unrestricted use; cite Wang et al. CVPR 2017, acknowledge the NIH Clinical Center",
+    ),
 }
 
 UNKNOWN = SourceInfo("not described in covidtl.provenance", "unknown", "unknown: check the source")
+
+
+def adult_sources(sources: Sequence[str]) -> list[str]:
+    """The sources seen whose patients are adults (per `SOURCES`), sorted: the population
+    the app is for, pooled for the adult metrics of a report."""
+    return sorted(s for s in set(sources) if SOURCES.get(s, UNKNOWN).population == "adult")
 
 
 def split_summary(records: Sequence[Record]) -> dict:

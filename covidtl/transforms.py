@@ -3,7 +3,7 @@ last steps from an 8-bit image to the model's normalized input tensor."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torchvision.transforms import v2
@@ -34,6 +34,7 @@ def build_transform(
     rotation: float = 10.0,
     color_jitter: float = 0.1,
     crop_scale: float = 1.0,
+    intensity: Sequence[Callable] = (),
 ) -> v2.Compose:
     """RGB ``PIL.Image`` -> normalized float32 tensor ``[3, input_size, input_size]``.
 
@@ -43,6 +44,8 @@ def build_transform(
     ``crop_scale < 1`` the training crop is random instead of central: a square-ish crop of
     ``crop_scale`` to all of the resized image's area, resized to ``input_size``; it moves
     the film's edges, markers and body outline around so they are less useful as cues.
+    `intensity` (training only): steps on the [0, 1] float image before normalizing,
+    e.g. ``covidtl.augment.intensity_steps(...)``.
     """
     if not 0 < crop_scale <= 1:
         raise ValueError(f"crop_scale must be in (0, 1], got {crop_scale}")
@@ -56,7 +59,9 @@ def build_transform(
             steps.append(v2.RandomRotation(rotation))
         if color_jitter:
             steps.append(v2.ColorJitter(brightness=color_jitter, contrast=color_jitter))
-    return v2.Compose(steps + input_steps(mean, std))
+    to_image, to_float, normalize = input_steps(mean, std)
+    # `intensity` (training only; covidtl.augment) acts on the [0, 1] float image
+    return v2.Compose([*steps, to_image, to_float, *(intensity if train else ()), normalize])
 
 
 def input_steps(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform]:

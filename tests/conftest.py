@@ -114,6 +114,15 @@ def covidx_mini() -> Path:
     return shared / "covidx-mini"
 
 
+@pytest.fixture
+def covidx_plus() -> Path:
+    """Root of the real ``covidx-plus`` folder (the shipped models' data); skips the test when it is absent."""
+    shared = shared_data_dir()
+    if shared is None or not (shared / "covidx-plus").is_dir():
+        pytest.skip("real data ../shared/data/covidx-plus is absent (only on development machines)")
+    return shared / "covidx-plus"
+
+
 @pytest.fixture(autouse=True, scope="session")
 def one_thread():
     """One intra-op thread: on a small shared CPU, OpenMP threads spinning against other

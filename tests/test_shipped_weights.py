@@ -1,5 +1,6 @@
-"""The models in weights/: sizes, honest cards, an up-to-date table, and (on the real
-covidx-mini test split) predictions that reproduce each card's test metrics exactly."""
+"""The models in weights/: sizes, honest cards (calibration, default and baseline marks,
+no machine path), an up-to-date table, and (on the real covidx-plus test split)
+predictions that reproduce each card's test metrics exactly."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 
 from covidtl import metrics
 from covidtl.engine import predict_scores
-from covidtl.export import list_exported, load_model, read_card
+from covidtl.export import card_temperature, list_exported, load_model, read_card
 from covidtl.labels import parse_label_file
 from covidtl.loaders import eval_loader
 from train import model_table
@@ -33,17 +34,36 @@ def test_card_tells_the_truth(path):
     assert "not a medical device" in card["intended_use"].lower()
     text = " ".join(card["limitations"]).lower()
     assert "pediatric" in text and "external hospital" in text
-    assert card["data"]["name"] == "covidx-mini"
-    assert set(card["data"]["sources"]) == {"cohen", "fig1", "kermany"}
+    assert card["data"]["name"] == "covidx-plus"
+    assert set(card["data"]["sources"]) == {"cohen", "fig1", "kermany", "nih"}
     assert all(info["license"] for info in card["data"]["sources"].values())
-    assert "sensitivity >= 0.90" in card["threshold_rule"]
+    assert "sensitivity >= 0.90" in card["threshold_rule"] and "calibrated" in card["threshold_rule"]
     test = card["metrics"]["test"]
-    assert set(test["per_source"]) == {"cohen", "fig1", "kermany"}
+    assert set(test["per_source"]) == {"cohen", "fig1", "kermany", "nih"}
+    assert test["adult_pooled"]["sources"] == ["cohen", "fig1", "nih"]
     assert test["overall"]["auc"]["ci_low"] <= test["overall"]["auc"]["value"] <= test["overall"]["auc"]["ci_high"]
     audit = card["shortcut_audit"]
     assert audit["n"] == test["n"] and set(audit["per_source"]) == set(test["per_source"])
     if card["initialisation"].startswith("none"):
         assert card["config"]["pretrained"] is False
+    assert card["baseline"] is (not card["config"]["pretrained"])  # from scratch: a baseline only
+    # Calibration: T, ECE before and after on val and test, the reliability plot beside the card.
+    assert card["temperature"] > 0 and card["calibration"]["temperature"] == card["temperature"]
+    assert {"ece_before", "ece_after"} <= set(card["calibration"]["val"]) and "test" in card["calibration"]
+    assert (WEIGHTS / card["plots"]["reliability"]).is_file()
+    # The threshold is the card's rule applied to its stored calibrated validation scores.
+    val = card["metrics"]["val"]["scores"]
+    assert card["threshold"] == metrics.choose_threshold([r["label"] for r in val], [r["p_positive"] for r in val],
+                                                         min_sensitivity=card["config"]["min_sensitivity"])
+    # No path of the machine that trained it (STYLE rule 13).
+    text = path.with_suffix(".json").read_text()
+    assert "/tmp/" not in text and "/work/" not in text and "/home/" not in text and "root" not in card["data"]
+
+
+def test_exactly_one_shipped_model_is_the_default_and_it_is_no_baseline():
+    cards = [read_card(path.with_suffix(".json")) for path in SHIPPED]
+    defaults = [card for card in cards if card.get("default")]
+    assert len(defaults) == 1 and not defaults[0]["baseline"]
 
 
 def test_weights_readme_is_generated_from_the_cards():
@@ -53,13 +73,15 @@ def test_weights_readme_is_generated_from_the_cards():
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
-def test_predictions_reproduce_the_card_exactly(path, covidx_mini):
+def test_predictions_reproduce_the_card_exactly(path, covidx_plus):
     model, card = load_model(path)
-    records = parse_label_file(covidx_mini / "test.txt")
-    loader = eval_loader(records, covidx_mini / "test", card["input_size"], card["mean"], card["std"],
+    records = parse_label_file(covidx_plus / "test.txt")
+    loader = eval_loader(records, covidx_plus / "test", card["input_size"], card["mean"], card["std"],
                          card["crop_fraction"], batch_size=32, num_workers=0)
-    scores, labels, _ = predict_scores(model, loader, "cpu")
+    scores, labels, _ = predict_scores(model, loader, "cpu", temperature=card_temperature(card))
     expected = card["metrics"]["test"]
+    stored = np.array([r["p_positive"] for r in expected["scores"]])
+    assert np.abs(scores - stored).max() < 1e-5  # the card's per-image scores are the calibrated ones
     assert metrics.confusion_counts(labels, (scores >= card["threshold"]).astype(int)) == expected["confusion"]
     point = metrics.binary_metrics(labels, scores, card["threshold"])
     for name, value in point.items():

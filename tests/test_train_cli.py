@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 import train.run as train_run
 from covidtl.export import load_model
+from covidtl.metrics import choose_threshold
 from train import evaluate as evaluate_cli
 from train.run import main as train_main
 
@@ -53,6 +54,23 @@ def test_train_exports_weights_card_and_plots(tiny_covidx, tmp_path):
     assert card["config"]["epochs"] == 2 and len(json.loads((tmp_path / "runs/tiny/history.json").read_text())) == 2
     for png in card["plots"].values():
         assert (weights / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Calibration: a fitted temperature, ECE before/after on val and test, a reliability plot,
+    # and a threshold that is the rule applied to the stored (calibrated) validation scores.
+    assert card["temperature"] > 0 and card["calibration"]["temperature"] == card["temperature"]
+    for split in ("val", "test"):
+        assert set(card["calibration"][split]) == {"ece_before", "ece_after", "nll_before", "nll_after"}
+    assert card["calibration"]["val"]["nll_after"] <= card["calibration"]["val"]["nll_before"] + 1e-12
+    assert card["plots"]["reliability"] == "tiny.reliability.png"
+    val_scores = card["metrics"]["val"]["scores"]
+    assert len(val_scores) == card["metrics"]["val"]["n"]
+    assert card["threshold"] == choose_threshold([r["label"] for r in val_scores], [r["p_positive"] for r in val_scores])
+    assert "calibrated" in card["threshold_rule"] and "pooled over all sources" in card["threshold_rule"]
+    # Marks: trained from scratch is a baseline; nothing asked for the default mark.
+    assert card["baseline"] is True and card["default"] is False
+    # No path of the machine that trained it (STYLE rule 13).
+    text = (weights / "tiny.json").read_text()
+    assert str(tmp_path) not in text and str(tiny_covidx) not in text and "root" not in card["data"]
+    assert card["data"]["name"] == tiny_covidx.name and card["data"]["label_files"]["val"] == "val.txt"
 
     # The exported model reproduces the card's test metrics through the evaluate command.
     out = tmp_path / "report"
@@ -61,6 +79,8 @@ def test_train_exports_weights_card_and_plots(tiny_covidx, tmp_path):
     report = json.loads((out / "report.json").read_text())
     for name, metric in test["overall"].items():
         assert report["overall"][name]["value"] == pytest.approx(metric["value"], abs=1e-9), name
+    assert report["temperature"] == card["temperature"]
+    assert [r["p_positive"] for r in report["scores"]] == pytest.approx([r["p_positive"] for r in test["scores"]], abs=1e-6)
     assert (out / "test.roc.png").is_file()
 
 

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from covidtl.engine import predict_scores
 from covidtl.evaluation import report_with_plots
-from covidtl.export import CardError, atomic_write_json, load_model
+from covidtl.export import CardError, atomic_write_json, card_temperature, load_model
 from covidtl.labels import LabelFileError, parse_label_file, split_paths
 from covidtl.loaders import eval_loader
 from covidtl.locate import DatasetUnavailableError
@@ -56,20 +56,20 @@ def evaluate(args: argparse.Namespace) -> dict:
     loader = eval_loader(records, image_dir, card["input_size"], card["mean"], card["std"],
                          card.get("crop_fraction", 0.9), batch_size=args.batch_size, num_workers=args.num_workers)
     bar = lambda it: tqdm(it, desc=f"scoring {args.split}", disable=not args.progress)  # noqa: E731
-    scores, labels, _ = predict_scores(model, loader, device, progress=bar)
+    # calibrated P(COVID-19), softmax(logits / T): the scores the card's threshold applies to
+    scores, labels, _ = predict_scores(model, loader, device, progress=bar, temperature=card_temperature(card))
     threshold = card["threshold"] if args.threshold is None else args.threshold
     report, plots = report_with_plots(labels, scores, [r.source for r in records], threshold, args.out,
-                                      args.split, n_boot=args.n_boot)
+                                      args.split, n_boot=args.n_boot, filenames=[r.filename for r in records])
     report = {
         "model": card["name"],
-        "weights": str(args.weights),
-        "data": str(args.data.resolve()),
+        "weights": args.weights.name,
+        "data": args.data.resolve().name,  # the data set's name, not a path of this machine
+        "temperature": card_temperature(card),
         "split": args.split,
         "threshold_source": "card" if args.threshold is None else "command line",
         **report,
         "plots": plots,
-        "scores": [{"filename": r.filename, "source": r.source, "label": r.label, "p_positive": float(s)}
-                   for r, s in zip(records, scores)],
     }
     atomic_write_json(args.out / "report.json", report)
     return report

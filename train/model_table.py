@@ -9,6 +9,7 @@ training command that is named in it.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from covidtl.export import list_exported, read_card
@@ -24,6 +25,11 @@ def fmt(metric: dict | None) -> str:
     return f"{metric['value']:.3f} ({metric['ci_low']:.2f}–{metric['ci_high']:.2f})"
 
 
+def model_label(card: dict) -> str:
+    marks = [mark for mark in ("default", "baseline") if card.get(mark)]
+    return f"`{card['name']}`" + (f" ({', '.join(marks)})" if marks else "")
+
+
 def model_rows(cards: list[dict]) -> list[str]:
     head = ["model", "backbone", "init", *METRIC_COLUMNS, "threshold", "MB"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -31,7 +37,7 @@ def model_rows(cards: list[dict]) -> list[str]:
         overall = card["metrics"][card.get("evaluated_on", "test")]["overall"]
         init = "scratch" if card["initialisation"].startswith("none") else "ImageNet"
         rows.append("| " + " | ".join([
-            f"`{card['name']}`", card["architecture"], init, *(fmt(overall.get(m)) for m in METRIC_COLUMNS),
+            model_label(card), card["architecture"], init, *(fmt(overall.get(m)) for m in METRIC_COLUMNS),
             f"{card['threshold']:.3f}", f"{card['_size_mb']:.1f}",
         ]) + " |")
     return rows
@@ -44,8 +50,8 @@ def own_lungs(card: dict) -> bool:
 
 def source_rows(cards: list[dict]) -> list[str]:
     lung_column = "lung CAM energy" if any(own_lungs(card) for card in cards) else "lung-field CAM energy"
-    rows = [f"| model | source | n (positive) | sensitivity | specificity | {lung_column} | border CAM energy |",
-            "|---|---|---|---|---|---|---|"]
+    rows = [f"| model | source | n (positive) | AUC | sensitivity | specificity | {lung_column} | border CAM energy |",
+            "|---|---|---|---|---|---|---|---|"]
     for card in cards:
         report = card["metrics"][card.get("evaluated_on", "test")]
         audit = card.get("shortcut_audit", {}).get("per_source", {})
@@ -53,15 +59,22 @@ def source_rows(cards: list[dict]) -> list[str]:
             shares = audit.get(source, {})
             rows.append(
                 f"| `{card['name']}` | {source} | {entry['n']} ({entry['n_positive']}) | "
+                f"{fmt(entry['metrics'].get('auc'))} | "
                 f"{fmt(entry['metrics']['sensitivity'])} | {fmt(entry['metrics']['specificity'])} | "
                 f"{shares.get('lungs', shares.get('lung_field', 'n/a'))} | {shares.get('border', 'n/a')} |"
+            )
+        pooled = report.get("adult_pooled")
+        if pooled:
+            rows.append(
+                f"| `{card['name']}` | **adult pooled** ({' + '.join(pooled['sources'])}) | "
+                f"{pooled['n']} ({pooled['n_positive']}) | {fmt(pooled['overall'].get('auc'))} | "
+                f"{fmt(pooled['overall']['sensitivity'])} | {fmt(pooled['overall']['specificity'])} | | |"
             )
     return rows
 
 
 def lung_model_rows(weights_dir: Path) -> list[str]:
     """The lung segmentation model(s), apart from the classifiers."""
-    import json
 
     paths = list_exported(weights_dir, task="lung_segmentation")
     if not paths:
@@ -79,6 +92,42 @@ def lung_model_rows(weights_dir: Path) -> list[str]:
                     f"{test['dice_mean']:.4f} / {test['dice_median']:.4f} / {test['dice_min']:.4f} | "
                     f"{test['implausible']} of {test['images']} | {path.stat().st_size / 2**20:.1f} |")
     return rows
+
+
+def calibration_rows(cards: list[dict]) -> list[str]:
+    rows = ["| model | temperature T | val ECE before → after | test ECE before → after | val NLL before → after |",
+            "|---|---|---|---|---|"]
+    for card in cards:
+        block = card.get("calibration")
+        if not block:
+            rows.append(f"| `{card['name']}` | 1 (not calibrated) | n/a | n/a | n/a |")
+            continue
+        cells = [f"{block[s]['ece_before']:.3f} → {block[s]['ece_after']:.3f}" if s in block else "n/a"
+                 for s in ("val", "test")]
+        val = block.get("val", {})
+        nll = f"{val['nll_before']:.3f} → {val['nll_after']:.3f}" if val else "n/a"
+        rows.append(f"| `{card['name']}` | {block['temperature']:.3f} | {cells[0]} | {cells[1]} | {nll} |")
+    return rows
+
+
+def loso_rows(results: list[dict]) -> list[str]:
+    """Leave-one-source-out table: one row per fold of each `python -m train.loso` JSON."""
+    rows = ["| recipe | held-out source | n (positive) | AUC | sensitivity | specificity | threshold (T) | epochs |",
+            "|---|---|---|---|---|---|---|---|"]
+    for result in results:
+        for fold in result["folds"]:
+            overall = fold["overall"]
+            rows.append(
+                f"| `{result['recipe']}` | {fold['held_out']} | {fold['n']} ({fold['n_positive']}) | "
+                f"{fmt(overall.get('auc'))} | {fmt(overall.get('sensitivity'))} | {fmt(overall.get('specificity'))} | "
+                f"{fold['threshold']:.3f} ({fold['temperature']:.2f}) | {fold['epochs_run']} |"
+            )
+    return rows
+
+
+def read_loso(weights_dir: Path) -> list[dict]:
+    """The `python -m train.loso` results in `weights_dir` (`*.loso.json`), by file name."""
+    return [json.loads(path.read_text()) for path in sorted(Path(weights_dir).glob("*.loso.json"))]
 
 
 def render(weights_dir: Path) -> str:
@@ -110,6 +159,19 @@ def render(weights_dir: Path) -> str:
     note[-1] += ", ".join(f"{k} {v:.0%}" for k, v in areas.items() if v is not None) + "."
     lines += ["", "## Per source, and where Grad-CAM looks", "", *note, ""]
     lines += source_rows(cards)
+    lines += ["", "## Calibration", "",
+              "Temperature scaling fitted on validation (NLL); every shown or thresholded probability is",
+              "softmax(logits / T). Expected calibration error of P(COVID-19), 10 equal-width bins, before (T = 1)",
+              "and after; each card lists its reliability plot.", ""]
+    lines += calibration_rows(cards)
+    loso = read_loso(weights_dir)
+    if loso:
+        lines += ["", "## Leave-one-source-out", "",
+                  "Each fold trains the recipe without one source (model selection, temperature and threshold on the",
+                  "validation split without it) and scores every image of that source from all splits: the estimate of",
+                  "performance at a hospital never seen. A source of one class has no AUC and only that class's rate.",
+                  "Commands: " + "; ".join(f"`{r['command']}`" for r in loso), ""]
+        lines += loso_rows(loso)
     lines += lung_model_rows(weights_dir)
     lines += ["", "## How each model was made", ""]
     for card in cards:
@@ -128,6 +190,8 @@ def render(weights_dir: Path) -> str:
                "kept whole (implausible mask): " + ", ".join(f"{s} {n}/{card['lung_crop']['images'][s]}"
                                                               for s, n in card['lung_crop']['kept_whole'].items())]
               if card.get("lung_crop") else []),
+            *([f"- Calibration: temperature {card['temperature']:.4f} (see the calibration table)"]
+              if "temperature" in card else []),
             f"- Intended use: {card['intended_use']}",
             "- Limitations:",
             *(f"  - {text}" for text in card["limitations"]),

@@ -25,13 +25,13 @@ from torch import nn
 from tqdm import tqdm
 
 import covidtl
-from covidtl import metrics, plots
+from covidtl import calibration, metrics, plots
 from covidtl.audit import cam_audit
 from covidtl.cache import ImageCache, default_cache_dir, ensure_cache
 from covidtl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from covidtl.config import CACHE, CROP, TrainConfig, load_recipe
+from covidtl.config import CACHE, CROP, EXPORT_ONLY, TrainConfig, load_recipe
 from covidtl.data import class_weights
-from covidtl.engine import predict_scores, train_one_epoch
+from covidtl.engine import predict_logits, predict_scores, train_one_epoch
 from covidtl.evaluation import report_with_plots
 from covidtl.export import CardError, atomic_save_tensors, atomic_write_json, export_model, sha256_file, unwrap
 from covidtl.labels import LabelFileError, parse_label_file, split_paths
@@ -274,8 +274,108 @@ def package_versions() -> dict[str, str]:
     }
 
 
+# Options naming folders of the machine that trained: left out of the card's command.
+MACHINE_FOLDER_OPTIONS = ("--cache-dir", "--runs-dir", "--weights-dir")
+
+
+def shipped_command(argv: list[str], prog: str = "python -m train") -> str:
+    """The training command for the card: without this machine's folders (cache, runs,
+    weights), with any other absolute path cut to its last part (STYLE rule 13), and
+    without --resume (a resumed run reproduces the uninterrupted one)."""
+    kept, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+            continue
+        option = token.split("=", 1)[0]
+        if option == "--resume":
+            continue
+        if option in MACHINE_FOLDER_OPTIONS:
+            skip = "=" not in token
+            continue
+        if os.path.isabs(token.split("=", 1)[-1]):
+            head, _, value = token.rpartition("=")
+            token = (head + "=" if head else "") + ".../" + Path(value).name
+        kept.append(token)
+    return " ".join([prog, *kept])
+
+
 def finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
+
+
+def make_criterion(config: TrainConfig, train_records, device: torch.device) -> nn.Module:
+    """Cross entropy, class-weighted when the recipe balances by loss, with the recipe's label smoothing."""
+    weight = class_weights(np.array([r.label for r in train_records])).to(device) if config.balance == "loss" else None
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
+
+
+def fit(model: nn.Module, loader, sampler, val_loader, criterion: nn.Module, config: TrainConfig,
+        device: torch.device, run_dir: Path, resume: bool = False, main_process: bool = True, show: bool = False,
+        use_amp: bool = False, channels_last: bool = False) -> tuple[list[dict], int]:
+    """The epoch loop: Adam, ReduceLROnPlateau on validation AUC, early stopping after
+    `config.early_stopping_patience` epochs without a gain. Keeps the best epoch's weights in
+    `run_dir/best.safetensors` and a resumable checkpoint in `run_dir/last` (main process).
+    Returns (history: one dict per epoch, best epoch, 1-based); the model ends with the last
+    epoch's weights. Used by `python -m train` and by `python -m train.loso`."""
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.lr,
+                                 weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=config.plateau_factor,
+                                                           patience=config.plateau_patience)
+    scaler = torch.amp.GradScaler("cuda") if use_amp else None
+    if main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    history: list[dict] = []
+    start_epoch, best_auc, best_epoch, stale = 0, -math.inf, 0, 0
+    if resume:
+        state = load_checkpoint(run_dir / "last", model, optimizer)
+        saved = TrainConfig.defaults() | state["config"]  # keys added since the checkpoint: their defaults
+        # JSON gave back tuples (mean, std) as lists
+        saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
+        changed = sorted(k for k, v in config.to_dict().items() if k not in EXPORT_ONLY and saved.get(k) != v)
+        if changed:  # only the epoch budget and export marks may change on resume
+            raise CheckpointError(f"{run_dir}/last was made with other settings ({changed}); resume with the same recipe and flags")
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        history, start_epoch = state["history"], state["epoch"] + 1
+        best_auc, best_epoch, stale = state["best_auc"], state["best_epoch"], state["stale"]
+        log.info("resuming %s after epoch %d (best val AUC %.4f at epoch %d)", config.name, start_epoch, best_auc, best_epoch)
+
+    for epoch in range(start_epoch, config.epochs):
+        torch.manual_seed(config.seed + epoch)  # with EpochSampler: identical epochs after --resume
+        sampler.set_epoch(epoch)
+        started = time.perf_counter()
+        bar = lambda it: tqdm(it, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, disable=not show)  # noqa: E731
+        row = {"epoch": epoch + 1}
+        row |= train_one_epoch(model, loader, optimizer, criterion, device, scaler, channels_last, progress=bar)
+        scores, labels, val_loss = predict_scores(model, val_loader, device, criterion, use_amp, channels_last)
+        val = metrics.binary_metrics(labels, scores, threshold=0.5)
+        scheduler.step(val["auc"])
+        row |= {"val_loss": val_loss} | {f"val_{k}": v for k, v in val.items()}
+        row |= {"lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started}
+        history.append(row)
+        improved = val["auc"] > best_auc
+        if improved:
+            best_auc, best_epoch, stale = val["auc"], epoch + 1, 0
+        else:
+            stale += 1
+        if main_process:
+            if improved:
+                atomic_save_tensors(unwrap(model).state_dict(), run_dir / "best.safetensors")
+            write_history(history, run_dir)
+            save_checkpoint(run_dir / "last", model, optimizer, {
+                "epoch": epoch, "history": history, "config": config.to_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                "best_auc": best_auc, "best_epoch": best_epoch, "stale": stale,
+            })
+        log.info("epoch %d/%d  train loss %.4f  val loss %.4f  val AUC %.4f  sens %.3f spec %.3f @0.5  %.0fs%s",
+                 epoch + 1, config.epochs, row["train_loss"], val_loss, val["auc"], val["sensitivity"],
+                 val["specificity"], row["seconds"], "  *best" if improved else "")
+        if stale >= config.early_stopping_patience:
+            log.info("early stopping: no val AUC gain in %d epochs", stale)
+            break
+    return history, best_epoch
 
 
 # --- the run -----------------------------------------------------------------------
@@ -324,72 +424,17 @@ def run(args: argparse.Namespace) -> int:
     }
 
     use_amp = config.amp and on_cuda
-    if config.channels_last and on_cuda:
+    channels_last = config.channels_last and on_cuda
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.to(device)
     if world_size > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if on_cuda else None)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.lr,
-                                 weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=config.plateau_factor,
-                                                           patience=config.plateau_patience)
-    weight = class_weights(np.array([r.label for r in train_records])).to(device) if config.balance == "loss" else None
-    criterion = nn.CrossEntropyLoss(weight=weight)
-    scaler = torch.amp.GradScaler("cuda") if use_amp else None
-    channels_last = config.channels_last and on_cuda
-
+    criterion = make_criterion(config, train_records, device)
     run_dir = args.runs_dir / config.name
-    if main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    history: list[dict] = []
-    start_epoch, best_auc, best_epoch, stale = 0, -math.inf, 0, 0
-    if args.resume:
-        state = load_checkpoint(run_dir / "last", model, optimizer)
-        saved = TrainConfig.defaults() | state["config"]  # keys added since the checkpoint: their defaults
-        saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}  # JSON gave lists (mean, std)
-        changed = sorted(k for k, v in config.to_dict().items() if k != "epochs" and saved.get(k) != v)
-        if changed:  # only the epoch budget may change on resume
-            raise CheckpointError(f"{run_dir}/last was made with other settings ({changed}); resume with the same recipe and flags")
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        history, start_epoch = state["history"], state["epoch"] + 1
-        best_auc, best_epoch, stale = state["best_auc"], state["best_epoch"], state["stale"]
-        log.info("resuming %s after epoch %d (best val AUC %.4f at epoch %d)", config.name, start_epoch, best_auc, best_epoch)
-
-    for epoch in range(start_epoch, config.epochs):
-        torch.manual_seed(config.seed + epoch)  # with EpochSampler: identical epochs after --resume
-        sampler.set_epoch(epoch)
-        started = time.perf_counter()
-        bar = lambda it: tqdm(it, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, disable=not show)  # noqa: E731
-        row = {"epoch": epoch + 1}
-        row |= train_one_epoch(model, loader, optimizer, criterion, device, scaler, channels_last, progress=bar)
-        scores, labels, val_loss = predict_scores(model, loaders["val"], device, criterion, use_amp, channels_last)
-        val = metrics.binary_metrics(labels, scores, threshold=0.5)
-        scheduler.step(val["auc"])
-        row |= {"val_loss": val_loss} | {f"val_{k}": v for k, v in val.items()}
-        row |= {"lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started}
-        history.append(row)
-        improved = val["auc"] > best_auc
-        if improved:
-            best_auc, best_epoch, stale = val["auc"], epoch + 1, 0
-        else:
-            stale += 1
-        if main_process:
-            if improved:
-                atomic_save_tensors(unwrap(model).state_dict(), run_dir / "best.safetensors")
-            write_history(history, run_dir)
-            save_checkpoint(run_dir / "last", model, optimizer, {
-                "epoch": epoch, "history": history, "config": config.to_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                "best_auc": best_auc, "best_epoch": best_epoch, "stale": stale,
-            })
-        log.info("epoch %d/%d  train loss %.4f  val loss %.4f  val AUC %.4f  sens %.3f spec %.3f @0.5  %.0fs%s",
-                 epoch + 1, config.epochs, row["train_loss"], val_loss, val["auc"], val["sensitivity"],
-                 val["specificity"], row["seconds"], "  *best" if improved else "")
-        if stale >= config.early_stopping_patience:
-            log.info("early stopping: no val AUC gain in %d epochs", stale)
-            break
+    history, best_epoch = fit(model, loader, sampler, loaders["val"], criterion, config, device, run_dir,
+                              resume=args.resume, main_process=main_process, show=show, use_amp=use_amp,
+                              channels_last=channels_last)
 
     if world_size > 1:
         dist.barrier()  # rank 0 has written best.safetensors
@@ -406,25 +451,49 @@ def run(args: argparse.Namespace) -> int:
 def evaluate_and_export(model, config, args, root, splits, loaders, mean, std, norm_source, history, best_epoch,
                         device, use_amp, channels_last, write: bool, lung_weights: Path | None = None,
                         caches: dict | None = None) -> dict:
-    """Threshold on val, reports on val/test (`loaders`), plots, card, export (when `write`)."""
+    """Temperature on val, threshold on calibrated val scores, reports on val/test
+    (`loaders`), plots, card, export (when `write`)."""
     spec = get_spec(config.backbone)
-    scores = {}
+    if config.weights_dtype == "float16":  # score the weights as they will be stored, so the card tells their truth
+        plain = unwrap(model)
+        plain.load_state_dict({k: v.half().to(v.dtype) if v.is_floating_point() else v
+                               for k, v in plain.state_dict().items()})
+    logits = {}
     for split in loaders:
-        s, y, _ = predict_scores(model, loaders[split], device, amp=use_amp, channels_last=channels_last)
-        scores[split] = (y, s, [r.source for r in splits[split][0]])
+        z, y, _ = predict_logits(model, loaders[split], device, amp=use_amp, channels_last=channels_last)
+        logits[split] = (z, y)
+    temperature = calibration.fit_temperature(*logits["val"])
+    scores = {  # calibrated P(COVID-19): what the card's threshold applies to, as in the Predictor
+        split: (y, calibration.positive_scores(z, temperature), [r.source for r in splits[split][0]])
+        for split, (z, y) in logits.items()
+    }
     threshold = metrics.choose_threshold(scores["val"][0], scores["val"][1], min_sensitivity=config.min_sensitivity)
     eval_split = "test" if "test" in scores else "val"
     summary = metrics.binary_metrics(scores[eval_split][0], scores[eval_split][1], threshold)
-    result = {"threshold": threshold, "summary": {k: round(v, 4) for k, v in summary.items()}}
+    result = {"threshold": threshold, "temperature": temperature,
+              "summary": {k: round(v, 4) for k, v in summary.items()}}
     if not write:
         return result
 
     weights_dir = args.weights_dir
     reports, plot_files = {}, {}
     for split, (y, s, sources) in scores.items():
+        filenames = [r.filename for r in splits[split][0]]
         reports[split], files = report_with_plots(y, s, sources, threshold, weights_dir, f"{config.name}.{split}",
-                                                  n_boot=config.n_boot, seed=config.seed)
+                                                  n_boot=config.n_boot, seed=config.seed, filenames=filenames)
         plot_files |= {f"{split}_{kind}": name for kind, name in files.items()}
+    calibration_block = calibration.calibration_summary(logits, temperature)
+    panels = {}
+    for split, (z, y) in logits.items():
+        block = calibration_block[split]
+        panels[split] = {
+            f"T = 1, ECE {block['ece_before']:.3f}": calibration.reliability_bins(y, calibration.positive_scores(z)),
+            f"T = {temperature:.2f}, ECE {block['ece_after']:.3f}":
+                calibration.reliability_bins(y, calibration.positive_scores(z, temperature)),
+        }
+    reliability_png = plots.plot_reliability(panels, weights_dir / f"{config.name}.reliability.png",
+                                             title=f"{config.name}: reliability before and after temperature scaling")
+    plot_files["reliability"] = Path(reliability_png).name
     history_png = plots.plot_history(history, weights_dir / f"{config.name}.history.png")
     plot_files["history"] = Path(history_png).name
 
@@ -443,9 +512,15 @@ def evaluate_and_export(model, config, args, root, splits, loaders, mean, std, n
         "mean": list(mean),
         "std": list(std),
         "normalization_source": norm_source,
+        "default": config.default,
+        "baseline": not config.pretrained,
+        "temperature": temperature,
+        "calibration": calibration_block,
         "threshold": threshold,
-        "threshold_rule": (f"highest validation specificity among thresholds with validation sensitivity >= "
-                           f"{config.min_sensitivity:.2f}; predict COVID-19 when P(COVID-19) >= threshold"),
+        "threshold_rule": (f"on the calibrated validation scores softmax(logits / temperature), pooled over all "
+                           f"sources: the highest validation specificity among thresholds with validation "
+                           f"sensitivity >= {config.min_sensitivity:.2f}; predict COVID-19 when calibrated "
+                           f"P(COVID-19) >= threshold"),
         "metrics": reports,
         "evaluated_on": eval_split,
         "shortcut_audit": {"split": eval_split, **audit},
@@ -455,12 +530,13 @@ def evaluate_and_export(model, config, args, root, splits, loaders, mean, std, n
         "initialisation": (spec.pretrained_source if config.pretrained
                            else "none: trained from scratch (random initialisation), no ImageNet weights"),
         "data": {
-            "root": str(root.resolve()) if args.data else None,
             "kaggle_handle": None if args.data else args.kaggle_handle,
             "kaggle_version": None if args.data else args.kaggle_version,
             "name": root.name,
             "splits": {split: split_summary(records) for split, (records, _) in splits.items()},
             "sources": source_table(all_sources),
+            # relative to the data set's root (never a path of the machine that trained it)
+            "label_files": {split: path.name for split, path in label_files.items()},
             "label_files_sha256": {split: sha256_file(path) for split, path in label_files.items()},
         },
         "intended_use": INTENDED_USE,
@@ -468,7 +544,7 @@ def evaluate_and_export(model, config, args, root, splits, loaders, mean, std, n
         "config": config.to_dict(),
         "plots": plot_files,
         "versions": package_versions(),
-        "command": " ".join([Path(sys.executable).name, "-m", "train", *sys.argv[1:]]),
+        "command": shipped_command(sys.argv[1:]),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     dtype = torch.float16 if config.weights_dtype == "float16" else torch.float32

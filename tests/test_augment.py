@@ -1,0 +1,49 @@
+"""Training-only intensity augmentation (covidtl.augment) inside build_transform."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from covidtl.augment import RandomGamma, RandomNoise, intensity_steps
+from covidtl.config import TrainConfig
+from covidtl.loaders import train_loader
+from covidtl.transforms import build_transform
+
+
+def test_gamma_and_noise_stay_in_range_and_vary_the_image(seeded):
+    x = torch.linspace(0, 1, 3 * 16 * 16).reshape(3, 16, 16)
+    g = RandomGamma(1.0)(x)
+    assert g.min() >= 0 and g.max() <= 1 and g[0, 0, 0] == 0 and g[-1, -1, -1] == 1  # gamma keeps 0 and 1
+    assert not torch.equal(g, x)
+    n = RandomNoise(0.2)(x)
+    assert n.min() >= 0 and n.max() <= 1 and not torch.equal(n, x)
+    assert RandomNoise(0.0)(x).equal(x)
+    with pytest.raises(ValueError, match="probability"):
+        intensity_steps(blur=1.5)
+
+
+def test_intensity_steps_are_left_out_when_zero_and_never_used_at_eval():
+    assert intensity_steps() == []
+    assert len(intensity_steps(gamma=0.3, blur=0.5, noise=0.02)) == 3
+    image = Image.fromarray((np.random.default_rng(0).random((80, 70, 3)) * 255).astype(np.uint8))
+    steps = intensity_steps(gamma=0.5, noise=0.1)
+    plain = build_transform(64, [0.5] * 3, [0.25] * 3, train=False)(image)
+    with_aug = build_transform(64, [0.5] * 3, [0.25] * 3, train=False, intensity=steps)(image)
+    assert torch.equal(plain, with_aug)
+
+
+def test_the_recipe_turns_them_on_in_the_training_loader(tiny_covidx, seeded):
+    from covidtl.labels import parse_label_file
+
+    records = parse_label_file(tiny_covidx / "train.txt")
+    config = TrainConfig(name="t", backbone="squeezenet1_1", pretrained=False, num_workers=0, batch_size=4,
+                         gamma=0.5, blur=0.5, noise=0.05, hflip=False, rotation=0.0, color_jitter=0.0)
+    loader, _ = train_loader(records, tiny_covidx / "train", config, 32, [0.5] * 3, [0.25] * 3)
+    names = [type(step).__name__ for step in loader.dataset.transform.transforms]
+    assert names.index("RandomGamma") > names.index("ToDtype") and names[-1] == "Normalize"
+    assert {"RandomGamma", "RandomApply", "RandomNoise"} <= set(names)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        TrainConfig(name="t", backbone="squeezenet1_1", label_smoothing=1.0)

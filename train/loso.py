@@ -1,0 +1,170 @@
+"""`python -m train.loso`: leave-one-source-out validation of a recipe.
+
+    python -m train.loso --recipe train/recipes/plus/efficientnet_lite0_plus.toml \\
+        --data ../shared/data/covidx-plus --epochs 2 --out weights/efficientnet_lite0_plus.loso.json
+
+For each source S of the data set (a fold): train the recipe on the train split without
+S (model selection, temperature and threshold on the validation split without S, exactly
+as `python -m train` does on the whole data set), then score every image of S, from all
+splits (none of them was seen). That is the honest estimate of how the recipe does at a
+hospital it has never seen. Writes one JSON that `python -m train.model_table` turns
+into the leave-one-source-out table of weights/README.md; no weights are exported.
+A source whose images are all of one class gets only the rate of that class (all
+negative: specificity at the fold's threshold); AUC needs both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from covidtl import calibration, metrics
+from covidtl.config import load_recipe, replace
+from covidtl.engine import predict_logits
+from covidtl.export import atomic_write_json
+from covidtl.labels import LabelFileError
+from covidtl.loaders import eval_loader, train_loader
+from covidtl.locate import DatasetUnavailableError
+from covidtl.models import PretrainedWeightsUnavailable, create_model, get_spec
+from covidtl.scan import CorruptImagesError, MissingImagesError
+from train.run import fit, load_splits, make_criterion, prepare_caches, seed_everything, shipped_command
+
+log = logging.getLogger("train.loso")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m train.loso", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", type=Path, required=True)
+    p.add_argument("--data", type=Path, required=True, help="folder in the COVIDx layout with several sources")
+    p.add_argument("--epochs", type=int, help="override the recipe's epochs for every fold (e.g. 2 on a CPU)")
+    p.add_argument("--sources", nargs="+", help="hold out only these sources (default: every source)")
+    p.add_argument("--out", type=Path, help="the JSON (default weights/<recipe name>.loso.json)")
+    p.add_argument("--runs-dir", type=Path, default=Path("runs"), help="per-fold checkpoints: <runs>/loso/<name>/<source>")
+    p.add_argument("--cache-dir", type=Path, help="where image caches live")
+    p.add_argument("--num-workers", type=int)
+    p.add_argument("--n-boot", type=int, help="override the recipe's bootstrap resamples")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=False)
+    return p.parse_args(argv)
+
+
+def _fold_logits(model, pieces, caches, config, spec, mean, std, device) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and labels of `pieces`: [(split, records, image_dir)], concatenated."""
+    all_logits, all_labels = [], []
+    for split, records, image_dir in pieces:
+        if not records:
+            continue
+        loader = eval_loader(records, image_dir, spec.input_size, mean, std, config.crop_fraction,
+                             batch_size=config.batch_size * 2, num_workers=config.num_workers, cache=caches.get(split))
+        z, y, _ = predict_logits(model, loader, device)
+        all_logits.append(z)
+        all_labels.append(y)
+    return np.concatenate(all_logits), np.concatenate(all_labels)
+
+
+def run_fold(source: str, config, splits, caches, runs_dir: Path, device: torch.device, show: bool) -> dict:
+    """Train without `source`, score every image of it; the fold's JSON entry."""
+    started = time.perf_counter()
+    seed_everything(config.seed)
+    spec = get_spec(config.backbone)
+    mean, std = (config.mean, config.std) if config.mean is not None else (spec.mean, spec.std)
+    train_records, train_dir = splits["train"]
+    kept = [r for r in train_records if r.source != source]
+    val_records, val_dir = splits["val"]
+    val_kept = [r for r in val_records if r.source != source]
+    if len({r.label for r in kept}) < 2 or len({r.label for r in val_kept}) < 2:
+        raise ValueError(f"without {source!r} the train or validation split lacks a class; this fold cannot be trained")
+    model = create_model(config.backbone, pretrained=config.pretrained, mode=config.mode).to(device)
+    loader, sampler = train_loader(kept, train_dir, config, spec.input_size, mean, std, cache=caches.get("train"))
+    val_loader = eval_loader(val_kept, val_dir, spec.input_size, mean, std, config.crop_fraction,
+                             batch_size=config.batch_size * 2, num_workers=config.num_workers, cache=caches.get("val"))
+    run_dir = runs_dir / source
+    history, best_epoch = fit(model, loader, sampler, val_loader, make_criterion(config, kept, device), config,
+                              device, run_dir, show=show)
+    model.load_state_dict(load_file(run_dir / "best.safetensors", device=str(device)))
+
+    val_logits, val_labels = _fold_logits(model, [("val", val_kept, val_dir)], caches, config, spec, mean, std, device)
+    temperature = calibration.fit_temperature(val_logits, val_labels)
+    threshold = metrics.choose_threshold(val_labels, calibration.positive_scores(val_logits, temperature),
+                                         min_sensitivity=config.min_sensitivity)
+    held_out = [(split, [r for r in records if r.source == source], image_dir)
+                for split, (records, image_dir) in splits.items()]
+    logits, labels = _fold_logits(model, held_out, caches, config, spec, mean, std, device)
+    scores = calibration.positive_scores(logits, temperature)
+    report = metrics.evaluate_scores(labels, scores, [source] * len(labels), threshold, n_boot=config.n_boot,
+                                     seed=config.seed)
+    return {
+        "held_out": source,
+        "train_images": len(kept),
+        "n": report["n"],
+        "n_positive": report["n_positive"],
+        "splits_scored": [split for split, records, _ in held_out if records],
+        "threshold": threshold,
+        "temperature": temperature,
+        "best_epoch": best_epoch,
+        "epochs_run": len(history),
+        "overall": report["overall"],
+        "confusion": report["confusion"],
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def run(args: argparse.Namespace) -> dict:
+    config = load_recipe(args.recipe, {"epochs": args.epochs, "num_workers": args.num_workers, "n_boot": args.n_boot})
+    device = torch.device(args.device)
+    spec = get_spec(config.backbone)
+    create_model(config.backbone, pretrained=config.pretrained, mode=config.mode)  # fail fast, before data work
+    splits = load_splits(args.data, "error", "error", scan=config.cache == "none")
+    splits, caches = prepare_caches(config, args.data, splits, spec.input_size, args.cache_dir, "error", args.progress)
+    sources = sorted({r.source for records, _ in splits.values() for r in records})
+    chosen = args.sources or sources
+    unknown = sorted(set(chosen) - set(sources))
+    if unknown:
+        raise ValueError(f"unknown sources {unknown}; the data set has {sources}")
+    # No early stop on a short schedule's noise: every fold runs the same epochs.
+    config = replace(config, early_stopping_patience=max(config.early_stopping_patience, config.epochs))
+    out = args.out or Path("weights") / f"{config.name}.loso.json"
+    result = {
+        "recipe": config.name,
+        "data": args.data.resolve().name,
+        "epochs": config.epochs,
+        "command": shipped_command(sys.argv[1:], prog="python -m train.loso"),
+        "folds": [],
+    }
+    for source in chosen:
+        log.info("fold: hold out %s", source)
+        fold = run_fold(source, config, splits, caches, args.runs_dir / "loso" / config.name, device, args.progress)
+        overall = fold["overall"]
+        log.info("held out %s: n %d (%d positive), AUC %s, sens %s, spec %s at %.4f (T %.2f), %.0f s", source,
+                 fold["n"], fold["n_positive"], overall["auc"]["value"], overall["sensitivity"]["value"],
+                 overall["specificity"]["value"], fold["threshold"], fold["temperature"], fold["seconds"])
+        result["folds"].append(fold)
+        result["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        atomic_write_json(out, metrics.nan_to_none(result))  # after every fold: a stopped run keeps its folds
+    log.info("wrote %s", out)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (DatasetUnavailableError, PretrainedWeightsUnavailable, LabelFileError, MissingImagesError,
+            CorruptImagesError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
