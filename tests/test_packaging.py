@@ -72,12 +72,12 @@ def test_the_wheel_declares_the_commands_the_pins_and_the_python(wheel):
 
 def test_a_shipped_recipe_is_found_by_name_from_any_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    shipped = RECIPES / "mini" / "resnet18.toml"
-    for name in ("mini/resnet18", "mini/resnet18.toml", "train/recipes/mini/resnet18.toml"):
+    shipped = RECIPES / "plus" / "resnet18_plus.toml"
+    for name in ("plus/resnet18_plus", "plus/resnet18_plus.toml", "train/recipes/plus/resnet18_plus.toml"):
         assert find_recipe(Path(name)) == shipped
-    (tmp_path / "mini").mkdir()
-    (tmp_path / "mini" / "resnet18.toml").write_text("name = 'mine'\n")
-    assert find_recipe(Path("mini/resnet18.toml")) == Path("mini/resnet18.toml")  # a real file comes first
+    (tmp_path / "plus").mkdir()
+    (tmp_path / "plus" / "resnet18_plus.toml").write_text("name = 'mine'\n")
+    assert find_recipe(Path("plus/resnet18_plus.toml")) == Path("plus/resnet18_plus.toml")  # a real file comes first
     assert find_recipe(Path("no/such/recipe")) == Path("no/such/recipe")  # unknown: left for load_recipe to refuse
 
 

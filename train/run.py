@@ -61,8 +61,8 @@ GENERAL_LIMITATIONS = [
 
 
 def find_recipe(path: Path) -> Path:
-    """`path` when it exists, else the shipped recipe it names, so that `--recipe mini/resnet18`,
-    `mini/resnet18.toml` or `train/recipes/mini/resnet18.toml` work from any folder once the
+    """`path` when it exists, else the shipped recipe it names, so that `--recipe plus/resnet18_plus`,
+    `plus/resnet18_plus.toml` or `train/recipes/plus/resnet18_plus.toml` work from any folder once the
     package is installed. An unknown name comes back unchanged (loading it says what to do)."""
     if path.exists():
         return path
@@ -77,8 +77,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     prog = "covidtl-train" if Path(sys.argv[0]).name == "covidtl-train" else "python -m train"
     p = argparse.ArgumentParser(prog=prog, description=__doc__, allow_abbrev=False)
     p.add_argument("--recipe", type=Path, required=True,
-                   help="TOML recipe: a file, or a shipped one by name (resnet18, mini/resnet18, "
-                        "train/recipes/mini/resnet18.toml) from any folder")
+                   help="TOML recipe: a file, or a shipped one by name (resnet18, plus/resnet18_plus, "
+                        "train/recipes/plus/resnet18_plus.toml) from any folder")
     p.add_argument("--data", type=Path, help="local folder in the COVIDx layout; omit to download with kagglehub")
     p.add_argument("--kaggle-handle", default=KAGGLE_HANDLE)
     p.add_argument("--kaggle-version", type=int, help="pin the Kaggle dataset version")
