@@ -63,7 +63,7 @@ from covidtl.inference import (
     Predictor,
     load_upload,
 )
-from covidtl.lungs import LUNG_TASK
+from covidtl.lungs import LUNG_TASK, LungOutliner, draw_outline
 from covidtl.scope import ScopeGate, ScopeResult, gate_for
 
 HERE = Path(__file__).resolve().parent
@@ -259,6 +259,8 @@ def classify(
     model_name: str | None,
     cam_method: str,
     opacity: float,
+    *,
+    lungs: LungOutliner | None = None,
 ):
     """Classify one chest X-ray with one model and show where the model looked.
 
@@ -272,7 +274,8 @@ def classify(
         The label {"label", "confidences"}: the decision at the model's threshold,
         "COVID-19" or "Negative", or "Out of scope" (no confidences) when the input check
         refuses the image; the decision (or the refusal's reason) in words; the image; the
-        heatmap over the part of the image the model sees (none when refused); the timing.
+        heatmap over the part of the image the model sees (none when refused), with the
+        lungs' outline when a lung model (`lungs`) finds plausible lungs; the timing.
     """
     start = time.perf_counter()
     predictor = _predictor(store, model_name)
@@ -290,26 +293,35 @@ def classify(
     heatmap = predictor.explain(x, cam_method)
     cam_ms = 1000.0 * (time.perf_counter() - cam_start)
     view = predictor.view(image)
+    lung_start = time.perf_counter()
+    cropped = predictor.lungs is not None
+    in_view = lungs.in_view(image, predictor.input_size, predictor.crop_fraction, cropped) if lungs else None
+    lung_ms = 1000.0 * (time.perf_counter() - lung_start)
     total_ms = 1000.0 * (time.perf_counter() - start)
     timing = (
         f"Input check {scope_ms:.0f} ms · prediction {prediction.latency_ms:.0f} ms · "
-        f"{cam_method} {cam_ms:.0f} ms · total {total_ms:.0f} ms including decoding the file, on {predictor.device}."
+        f"{cam_method} {cam_ms:.0f} ms · "
+        + (f"lung outline {lung_ms:.0f} ms · " if lungs else "")
+        + f"total {total_ms:.0f} ms including decoding the file, on {predictor.device}."
     )
+    state = {"view": view, "heatmap": heatmap, "lungs": in_view}
     return (
         label_data(prediction),
         decision_markdown(predictor.name, prediction),
         _for_display(image),
-        overlay(view, heatmap, opacity),
+        reblend(state, opacity),
         timing,
-        {"view": view, "heatmap": heatmap},
+        state,
     )
 
 
 def reblend(state: dict | None, opacity: float):
-    """Redraw the last heatmap at a new opacity, without running the model again."""
+    """Redraw the last heatmap at a new opacity (with the lungs' outline, if any), without
+    running the models again."""
     if not state:
         return None
-    return overlay(state["view"], state["heatmap"], opacity)
+    blended = overlay(state["view"], state["heatmap"], opacity)
+    return blended if state.get("lungs") is None else draw_outline(blended, state["lungs"])
 
 
 COMPARE_HEADERS = ["model", f"P({POSITIVE_NAME})", "threshold", "decision", "latency (ms)"]
@@ -422,11 +434,11 @@ class OutputFiles:
         return path
 
 
-def _bind(handler: Callable, store: ModelStore, gate: ScopeGate, to_files: Callable[[Any], Any]) -> Callable:
-    """`handler` with its store and input check filled in and its images turned into files
-    by `to_files`; name, docstring and signature kept for the API page. Tests call the
-    handlers directly."""
-    partial = functools.partial(handler, store, gate)
+def _bind(handler: Callable, store: ModelStore, gate: ScopeGate, to_files: Callable[[Any], Any], **fixed) -> Callable:
+    """`handler` with its store and input check (and the keyword arguments `fixed`) filled
+    in and its images turned into files by `to_files`; name, docstring and signature kept
+    for the API page. Tests call the handlers directly."""
+    partial = functools.partial(handler, store, gate, **fixed)
 
     def bound(*args):
         return to_files(partial(*args))
@@ -463,6 +475,7 @@ def build_demo(
     weights_dir = Path(weights_dir)
     store = store if store is not None else ModelStore(weights_dir)
     gate = gate if gate is not None else gate_for(weights_dir)
+    lungs = LungOutliner.from_folder(weights_dir)
     files = OutputFiles()
     names = rank_models(store.cards)
     examples = example_files(HERE / "assets" / "examples", examples_dir)
@@ -581,6 +594,7 @@ def build_demo(
                 store,
                 gate,
                 lambda out: (files.label(out[0]), out[1], files.png(out[2]), files.png_or_none(out[3]), *out[4:]),
+                lungs=lungs,
             ),
             inputs=[upload, model, method, opacity],
             outputs=[confidences, decision, original, heatmap, timing, cam_state],

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -261,6 +262,46 @@ def view_lung_masks(
         found = crop_to_lungs(image, model) if cropped else locate_lungs(image, model)
         out.append(lungs_in_view(found, input_size, crop_fraction))
     return out
+
+
+OUTLINE_COLOUR = (255, 255, 255)
+
+
+def draw_outline(image_rgb: np.ndarray, lungs: np.ndarray, colour: tuple[int, int, int] = OUTLINE_COLOUR) -> np.ndarray:
+    """uint8 [H, W, 3]: `image_rgb` with the outline of the bool mask `lungs` [H, W] drawn
+    in `colour`, two pixels wide (a copy; the input is left as it is)."""
+    if lungs.shape != image_rgb.shape[:2]:
+        raise ValueError(f"lung mask {lungs.shape} does not match the image {image_rgb.shape[:2]}")
+    drawn = image_rgb.copy()
+    drawn[outline(lungs, thickness=2)] = colour
+    return drawn
+
+
+class LungOutliner:
+    """The lung model, loaded once and shared between threads (a lock serializes its
+    forward passes), to show where the lungs are on the part of a film a classifier sees."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model.eval()
+        self.lock = threading.Lock()
+
+    @classmethod
+    def from_folder(cls, weights_dir: str | Path) -> LungOutliner | None:
+        """The lung model in `weights_dir` (``lungs_lite0_unet.safetensors``), or None when
+        there is none there."""
+        path = Path(weights_dir) / f"{LUNG_MODEL_NAME}.safetensors"
+        if not path.is_file():
+            log.info("no lung model at %s: heatmaps are shown without the lungs' outline", path)
+            return None
+        return cls(load_lung_model(path)[0])
+
+    def in_view(self, image: Image.Image, input_size: int, crop_fraction: float, cropped: bool) -> np.ndarray | None:
+        """bool [input_size, input_size]: the lungs of `image` where a classifier with this
+        framing sees them (`cropped`: one trained on lung crops); None when the mask is
+        implausible. See `lungs_in_view`."""
+        with self.lock:
+            found = crop_to_lungs(image, self.model) if cropped else locate_lungs(image, self.model)
+        return lungs_in_view(found, input_size, crop_fraction)
 
 
 # --- export and load ----------------------------------------------------------------

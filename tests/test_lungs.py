@@ -4,6 +4,7 @@ boxes, outlines, export/load, and the shipped lung model on real masks."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,11 +13,13 @@ from PIL import Image
 
 from covidtl import lungs
 from covidtl.cards import lung_model_markdown
-from covidtl.inference import ModelStore
 from covidtl.export import CardError, list_exported
+from covidtl.inference import ModelStore
 from covidtl.lungs import check_mask, lung_box, outline
 from tests.conftest import shared_data_dir
 from train import lungs as train_lungs
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def two_lungs(height: int = 100, width: int = 100) -> np.ndarray:
@@ -134,3 +137,41 @@ def test_shipped_lung_model_segments_real_films():
     assert card["metrics"]["test"]["dice_mean"] >= 0.90
     scores = lungs.evaluate_masks(model, root, lungs.read_split(root, "test")[:4])
     assert scores["dice_mean"] >= 0.85
+
+
+def test_draw_outline_marks_the_boundary_and_leaves_the_rest():
+    image = np.full((40, 40, 3), 7, dtype=np.uint8)
+    mask = np.zeros((40, 40), dtype=bool)
+    mask[10:30, 5:15] = True
+    drawn = lungs.draw_outline(image, mask)
+    edge = outline(mask, thickness=2)
+    assert (drawn[edge] == lungs.OUTLINE_COLOUR).all()
+    assert (drawn[~edge] == 7).all() and (image == 7).all()  # the rest, and the input, untouched
+    assert edge[10, 5] and not edge[20, 10]  # a corner is on it, the middle is not
+    with pytest.raises(ValueError, match="does not match"):
+        lungs.draw_outline(image, mask[:20])
+
+
+def test_the_app_outlines_the_lungs_the_model_sees():
+    """Classify with the shipped lung model: the heatmap carries the lungs' outline, found on
+    the part of the film the classifier sees, and keeps it when the opacity changes."""
+    import app
+    from covidtl.scope import ScopeGate
+
+    weights = ROOT / "weights"
+    outliner = lungs.LungOutliner.from_folder(weights)
+    if outliner is None or not list_exported(weights):
+        pytest.skip("no shipped lung model or classifier in weights/")
+    store = ModelStore(weights)
+    film = ROOT / "assets" / "examples" / "nih-no-finding-00002371_010.jpg"
+    *_, heatmap, timing, state = app.classify(store, ScopeGate(), str(film), None, "Grad-CAM", 0.4, lungs=outliner)
+    mask = state["lungs"]
+    assert mask is not None and mask.shape == heatmap.shape[:2]
+    assert 0.15 < mask.mean() < 0.6  # two adult lungs fill a good part of a frontal film's centre crop
+    left, right = mask[:, : mask.shape[1] // 2].mean(), mask[:, mask.shape[1] // 2 :].mean()
+    assert min(left, right) > 0.3 * max(left, right)  # one lung on each side
+    edge = outline(mask, thickness=2)
+    assert (heatmap[edge] == lungs.OUTLINE_COLOUR).all() and "lung outline" in timing
+    assert (app.reblend(state, 0.9)[edge] == lungs.OUTLINE_COLOUR).all()
+    *_, plain, timing, state = app.classify(store, ScopeGate(), str(film), None, "Grad-CAM", 0.4)
+    assert state["lungs"] is None and "lung outline" not in timing
