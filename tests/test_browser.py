@@ -24,6 +24,14 @@ if not CHROMIUM.is_file():
     pytest.skip(f"no Chromium at {CHROMIUM}: apt-get install -y chromium", allow_module_level=True)
 
 
+def upload(page, path: Path) -> None:
+    """Choose `path` in the Classify upload and wait until the server holds it: the file's
+    name shows at once, its size link only once the upload is done ("Uploading..." before)."""
+    page.locator("#upload input[type=file]").set_input_files(str(path))
+    sync_api.expect(page.locator("#upload")).to_contain_text(path.stem)
+    sync_api.expect(page.locator("#upload td.download a")).to_be_visible(timeout=TIMEOUT_MS)
+
+
 @pytest.fixture(scope="module")
 def url(tmp_path_factory):
     weights = tmp_path_factory.mktemp("weights")
@@ -59,8 +67,7 @@ def test_upload_classify_and_compare_in_chromium(page, tmp_path):
     expect(page.locator("#disclaimer")).to_contain_text("not a medical device")
     image = save_png(xray_like(200, seed=7), tmp_path / "synthetic-xray.png")
 
-    page.locator("#upload input[type=file]").set_input_files(str(image))
-    expect(page.locator("#upload")).to_contain_text("synthetic-xray")
+    upload(page, image)
     page.locator("#classify-button").click()
     expect(page.locator("#confidences")).to_contain_text("COVID-19", timeout=TIMEOUT_MS)
     expect(page.locator("#decision")).to_contain_text("at or above the model's operating threshold")
@@ -83,8 +90,7 @@ def test_bad_file_shows_a_message_in_the_page(page, tmp_path):
     expect = sync_api.expect
     bad = tmp_path / "notes.png"
     bad.write_text("plain text renamed to .png\n" * 10)
-    page.locator("#upload input[type=file]").set_input_files(str(bad))
-    expect(page.locator("#upload")).to_contain_text("notes")
+    upload(page, bad)
     page.locator("#classify-button").click()
     expect(page.get_by_text("not an image this app can read").first).to_be_visible(timeout=TIMEOUT_MS)
 
@@ -93,6 +99,7 @@ def test_shipped_example_can_be_classified(page):
     expect = sync_api.expect
     page.get_by_text("nih-no-finding-00002371_010.jpg").first.click()
     expect(page.locator("#upload")).to_contain_text("nih-no-finding")
+    expect(page.locator("#upload td.download a")).to_be_visible()  # the example is loaded, not only named
     model = page.locator("#model input")  # the model with threshold 1.01: the label is its decision, Negative
     model.click()
     model.fill("never")
@@ -107,8 +114,7 @@ def test_shipped_example_can_be_classified(page):
 def test_an_image_that_is_not_a_chest_xray_is_out_of_scope_in_the_page(page, tmp_path):
     expect = sync_api.expect
     image = save_png(not_xrays()["colour"], tmp_path / "colour-picture.png")
-    page.locator("#upload input[type=file]").set_input_files(str(image))
-    expect(page.locator("#upload")).to_contain_text("colour-picture")
+    upload(page, image)
     page.locator("#classify-button").click()
     expect(page.locator("#confidences")).to_contain_text("Out of scope", timeout=TIMEOUT_MS)
     expect(page.locator("#decision")).to_contain_text("a colour photo, not a radiograph")
