@@ -263,9 +263,12 @@ def test_a_full_queue_refuses_at_once_and_then_serves_again(tmp_path, good):
     try:
         client = offline_client(url)
         args = (handle_file(str(good)), "good", "Grad-CAM", 0.4)
-        running = [client.submit(*args, api_name="/classify") for _ in range(app.CONCURRENCY_LIMIT)]
-        for _ in running:
-            assert store.entered.acquire(timeout=600)  # both are inside the handler, held at the gate
+        running = []
+        for _ in range(app.CONCURRENCY_LIMIT):
+            # One at a time: with a queue of one, a second request sent before the first has
+            # left the queue for a worker (slow on a busy machine) would be refused as full.
+            running.append(client.submit(*args, api_name="/classify"))
+            assert store.entered.acquire(timeout=600)  # inside the handler, held at the gate
         waiting = client.submit(*args, api_name="/classify")
         _wait_for(lambda: len(demo._queue) == 1)
         for _ in range(5):
