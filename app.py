@@ -63,7 +63,7 @@ from covidtl.inference import (
     Predictor,
     load_upload,
 )
-from covidtl.lungs import LUNG_TASK, LungOutliner, draw_outline
+from covidtl.lungs import LUNG_TASK, LungOutliner, draw_outline, lungs_in_view
 from covidtl.scope import ScopeGate, ScopeResult, gate_for
 
 HERE = Path(__file__).resolve().parent
@@ -287,16 +287,21 @@ def classify(
         timing = f"Input check {scope_ms:.0f} ms · total {1000.0 * (time.perf_counter() - start):.0f} ms."
         refusal = decision_markdown(predictor.name, None, scope.reason)
         return label_data(None), refusal, _for_display(image), None, timing, None
-    x = predictor.preprocess(image)
+    lung_start = time.perf_counter()
+    crop = predictor.lung_crop(image)  # a lung-crop model's one lung-model pass; None for others
+    lung_ms = 1000.0 * (time.perf_counter() - lung_start)
+    x = predictor.preprocess(image, crop)
     prediction = predictor.predict(x)
     cam_start = time.perf_counter()
     heatmap = predictor.explain(x, cam_method)
     cam_ms = 1000.0 * (time.perf_counter() - cam_start)
-    view = predictor.view(image)
+    view = predictor.view(image, crop)
     lung_start = time.perf_counter()
-    cropped = predictor.lungs is not None
-    in_view = lungs.in_view(image, predictor.input_size, predictor.crop_fraction, cropped) if lungs else None
-    lung_ms = 1000.0 * (time.perf_counter() - lung_start)
+    if crop is not None:  # the outline of the very mask the crop was cut by
+        in_view = lungs_in_view(crop, predictor.input_size, predictor.crop_fraction) if lungs else None
+    else:
+        in_view = lungs.in_view(image, predictor.input_size, predictor.crop_fraction, cropped=False) if lungs else None
+    lung_ms += 1000.0 * (time.perf_counter() - lung_start)
     total_ms = 1000.0 * (time.perf_counter() - start)
     timing = (
         f"Input check {scope_ms:.0f} ms · prediction {prediction.latency_ms:.0f} ms · "
@@ -354,13 +359,15 @@ def compare(store: ModelStore, gate: ScopeGate, file: str | None, cam_method: st
     if not scope.in_scope:
         rows = [[shown[name], None, round(predictors[name].threshold, 4), OUT_OF_SCOPE, None] for name in order]
         return rows, [], decision_markdown("", None, scope.reason)
-    tensors: dict[tuple, Any] = {}  # models with the same geometry share one preprocessing
+    # models with the same geometry share one preprocessing (and one lung crop)
+    prepared: dict[tuple, tuple[Any, Any]] = {}
     rows, gallery, members, predictions, left_out = [], [], [], [], []
     for name in order:
         predictor = predictors[name]
-        if predictor.geometry not in tensors:
-            tensors[predictor.geometry] = predictor.preprocess(image)
-        x = tensors[predictor.geometry]
+        if predictor.geometry not in prepared:
+            crop = predictor.lung_crop(image)
+            prepared[predictor.geometry] = (predictor.preprocess(image, crop), crop)
+        x, crop = prepared[predictor.geometry]
         prediction = predictor.predict(x)  # latency_ms: the forward pass alone, comparable across models
         heatmap = predictor.explain(x, cam_method)
         rows.append(
@@ -374,7 +381,7 @@ def compare(store: ModelStore, gate: ScopeGate, file: str | None, cam_method: st
         )
         gallery.append(
             (
-                overlay(predictor.view(image), heatmap, COMPARE_OPACITY),
+                overlay(predictor.view(image, crop), heatmap, COMPARE_OPACITY),
                 f"{shown[name]}: P({POSITIVE_NAME}) = {prediction.p_positive:.3f} "
                 f"(threshold {prediction.threshold:.3f}): {decision_label(prediction)}",
             )

@@ -63,6 +63,13 @@ class TrainConfig:
     # "lungs": before the usual framing, crop each image to its lungs' bounding box plus a
     # margin (covidtl.lungs); done once per image in the cache build, so it needs a cache.
     crop: str = "none"
+    # True: histogram-equalize every framed film, in training and at inference alike
+    # (covidtl.transforms.Equalize); the card records it and the Predictor follows it.
+    equalize: bool = False
+    # Only these sources train and select the model (train and validation splits), e.g.
+    # ["cohen", "fig1", "nih"] for adult films only; None: every source. The test split is
+    # scored whole, so the card also shows the sources left out.
+    train_sources: tuple[str, ...] | None = None
     amp: bool = True  # CUDA only
     channels_last: bool = True  # CUDA only
     weights_dtype: str = "float32"
@@ -91,6 +98,8 @@ class TrainConfig:
             raise ValueError(f"crop_fraction must be in (0, 1], not {self.crop_fraction}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), not {self.label_smoothing}")
+        if self.train_sources is not None and not self.train_sources:
+            raise ValueError("train_sources is empty: name the sources to train on, or leave it out for all")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be positive")
 
@@ -113,6 +122,8 @@ def config_from_dict(values: dict[str, Any], source: str = "config") -> TrainCon
     for key in ("mean", "std"):
         if values.get(key) is not None:
             values[key] = tuple(float(v) for v in values[key])
+    if values.get("train_sources") is not None:
+        values["train_sources"] = tuple(str(s) for s in values["train_sources"])
     return TrainConfig(**values)
 
 

@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -33,7 +33,10 @@ from covidtl.explain import DEFAULT_METHOD, explain
 from covidtl.export import CARD_SUFFIX, CardError, card_temperature, list_exported, load_model, read_card
 from covidtl.images import UnreadableImageError, load_image
 from covidtl.models import ModelSpec, get_spec
-from covidtl.transforms import eval_geometry, input_steps
+from covidtl.transforms import eval_view, input_steps
+
+if TYPE_CHECKING:
+    from covidtl.lungs import LungCrop
 
 log = logging.getLogger(__name__)
 
@@ -237,11 +240,12 @@ class Predictor:
         self.crop_fraction = float(card.get("crop_fraction", DEFAULT_CROP_FRACTION))
         self.mean = tuple(float(m) for m in card["mean"])
         self.std = tuple(float(s) for s in card["std"])
+        self.equalize = bool(card.get("equalize", False))
         # The eval transform of training (covidtl.transforms.build_transform), in two parts: the
         # framing of the 8-bit image, then the tensor. An "L" image is framed in its one
         # band and repeated into three only as a tensor: the numbers of its RGB copy, for
         # a third of the resizing.
-        self._view = v2.Compose(eval_geometry(self.input_size, self.crop_fraction))
+        self._view = v2.Compose(eval_view(self.input_size, self.crop_fraction, self.equalize))
         to_image, to_float, self._normalize = input_steps(self.mean, self.std)
         self._to_float = v2.Compose([to_image, to_float])
         # The resize before the crop: images need no more than this shorter side (see load_upload).
@@ -268,28 +272,36 @@ class Predictor:
     def geometry(self) -> tuple:
         """Models with equal geometry turn an image into the same input tensor."""
         lungs = self.card["lung_crop"]["lung_model_sha256"] if self.lungs is not None else None
-        return (self.input_size, self.crop_fraction, self.mean, self.std, lungs)
+        return (self.input_size, self.crop_fraction, self.equalize, self.mean, self.std, lungs)
 
-    def framed(self, image: Image.Image) -> Image.Image:
-        """`image` as "L" or RGB, cut to its lungs first for a lung-crop model (the
-        training cache's `covidtl.lungs.crop_to_lungs`; kept whole when its mask is
-        implausible)."""
-        image = _l_or_rgb(image)
+    def lung_crop(self, image: Image.Image) -> LungCrop | None:
+        """For a lung-crop model, `image` cut to its lungs (the training cache's
+        `covidtl.lungs.crop_to_lungs`; kept whole when its mask is implausible), with the
+        mask: one pass of the lung model, to hand to `preprocess`, `view` and the lungs'
+        outline. None for other models."""
         if self.lungs is None:
-            return image
+            return None
         from covidtl.lungs import crop_to_lungs
 
-        return crop_to_lungs(image, self.lungs).image
+        return crop_to_lungs(_l_or_rgb(image), self.lungs)
 
-    def preprocess(self, image: Image.Image) -> torch.Tensor:
+    def framed(self, image: Image.Image, lung_crop: LungCrop | None = None) -> Image.Image:
+        """`image` as "L" or RGB, cut to its lungs first for a lung-crop model (`lung_crop`
+        when given, else `self.lung_crop(image)`)."""
+        if self.lungs is None:
+            return _l_or_rgb(image)
+        return (lung_crop or self.lung_crop(image)).image
+
+    def preprocess(self, image: Image.Image, lung_crop: LungCrop | None = None) -> torch.Tensor:
         """8-bit "L" or RGB image (others are converted to RGB) -> normalized float32
-        tensor [1, 3, S, S] on the model's device."""
-        x = self._to_float(self._view(self.framed(image)))
+        tensor [1, 3, S, S] on the model's device. `lung_crop`: `self.lung_crop(image)`, if
+        already made."""
+        x = self._to_float(self._view(self.framed(image, lung_crop)))
         return self._normalize(x.expand(3, -1, -1)).unsqueeze(0).to(self.device)
 
-    def view(self, image: Image.Image) -> np.ndarray:
+    def view(self, image: Image.Image, lung_crop: LungCrop | None = None) -> np.ndarray:
         """The part of `image` the model sees (resized, center-cropped), uint8 [S, S, 3]."""
-        return np.asarray(_rgb(self._view(self.framed(image))))
+        return np.asarray(_rgb(self._view(self.framed(image, lung_crop))))
 
     def predict(self, image: Image.Image | torch.Tensor) -> Prediction:
         """Classify an RGB image, or a tensor from `preprocess` of an equal-geometry model."""

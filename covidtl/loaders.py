@@ -45,12 +45,15 @@ def eval_loader(
     batch_size: int = 64,
     num_workers: int = 2,
     cache: ImageCache | None = None,
+    equalize: bool = False,
 ) -> DataLoader:
-    """Deterministic loader in record order (resize, center crop, normalize).
+    """Deterministic loader in record order (resize, center crop, (equalize,) normalize).
 
     `cache`: a cache of `records` built for (input_size, crop_fraction), or None to decode.
+    `equalize`: histogram equalization after the crop, as the model was trained (its card's
+    ``equalize``).
     """
-    transform = build_transform(input_size, mean, std, train=False, crop_fraction=crop_fraction)
+    transform = build_transform(input_size, mean, std, train=False, crop_fraction=crop_fraction, equalize=equalize)
     return DataLoader(
         _dataset(records, image_dir, transform, input_size, crop_fraction, cache),
         batch_size=batch_size,
@@ -89,6 +92,7 @@ def train_loader(
         color_jitter=config.color_jitter,
         crop_scale=config.crop_scale,
         intensity=intensity_steps(config.gamma, config.blur, config.noise),
+        equalize=config.equalize,
     )
     weights = None
     if config.balance == "sampler":

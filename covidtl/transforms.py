@@ -9,10 +9,22 @@ import torch
 from torchvision.transforms import v2
 
 __all__ = [
+    "Equalize",
     "build_transform",
     "eval_geometry",
+    "eval_view",
     "input_steps",
 ]
+
+
+class Equalize(torch.nn.Module):
+    """Histogram equalization of the framed 8-bit image (``PIL.ImageOps.equalize``, per
+    band): every film's grey levels spread to a flat histogram, whatever the exposure and
+    contrast curve of the hospital that took it. Deterministic; the same step in training,
+    evaluation and the app's Predictor."""
+
+    def forward(self, image):
+        return v2.functional.equalize(image)
 
 
 def eval_geometry(input_size: int, crop_fraction: float = 0.9) -> list[v2.Transform]:
@@ -22,6 +34,12 @@ def eval_geometry(input_size: int, crop_fraction: float = 0.9) -> list[v2.Transf
     if not 0 < crop_fraction <= 1:
         raise ValueError(f"crop_fraction must be in (0, 1], got {crop_fraction}")
     return [v2.Resize(round(input_size / crop_fraction)), v2.CenterCrop(input_size)]
+
+
+def eval_view(input_size: int, crop_fraction: float = 0.9, equalize: bool = False) -> list[torch.nn.Module]:
+    """Every step on the 8-bit image at evaluation: the eval framing (`eval_geometry`), then
+    histogram equalization (`Equalize`) when `equalize`."""
+    return [*eval_geometry(input_size, crop_fraction), *([Equalize()] if equalize else [])]
 
 
 def build_transform(
@@ -35,6 +53,7 @@ def build_transform(
     color_jitter: float = 0.1,
     crop_scale: float = 1.0,
     intensity: Sequence[Callable] = (),
+    equalize: bool = False,
 ) -> v2.Compose:
     """RGB ``PIL.Image`` -> normalized float32 tensor ``[3, input_size, input_size]``.
 
@@ -45,13 +64,17 @@ def build_transform(
     ``crop_scale`` to all of the resized image's area, resized to ``input_size``; it moves
     the film's edges, markers and body outline around so they are less useful as cues.
     `intensity` (training only): steps on the [0, 1] float image before normalizing,
-    e.g. ``covidtl.augment.intensity_steps(...)``.
+    e.g. ``covidtl.augment.intensity_steps(...)``. `equalize`: histogram equalization of the
+    framed image (`Equalize`), in training (after the crop, before the augmentation) and at
+    evaluation alike.
     """
     if not 0 < crop_scale <= 1:
         raise ValueError(f"crop_scale must be in (0, 1], got {crop_scale}")
-    steps: list[v2.Transform] = eval_geometry(input_size, crop_fraction)
+    steps: list[torch.nn.Module] = eval_geometry(input_size, crop_fraction)
     if train and crop_scale < 1:
         steps[-1] = v2.RandomResizedCrop(input_size, scale=(crop_scale, 1.0), ratio=(0.8, 1.25))
+    if equalize:
+        steps.append(Equalize())
     if train:
         if hflip:
             steps.append(v2.RandomHorizontalFlip())

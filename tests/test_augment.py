@@ -47,3 +47,26 @@ def test_the_recipe_turns_them_on_in_the_training_loader(tiny_covidx, seeded):
     assert {"RandomGamma", "RandomApply", "RandomNoise"} <= set(names)
     with pytest.raises(ValueError, match="label_smoothing"):
         TrainConfig(name="t", backbone="squeezenet1_1", label_smoothing=1.0)
+
+
+@pytest.mark.parametrize("equalize", [False, True])
+def test_the_recipe_equalizes_training_films_as_it_does_evaluation_ones(tmp_path, equalize):
+    """A dim film (grey levels 40-116) reaches the model spread over the whole range when
+    the recipe equalizes, in training as at evaluation; untouched otherwise."""
+    from covidtl.labels import Record
+    from covidtl.loaders import eval_loader
+
+    ramp = np.tile(np.linspace(40, 116, 96), (96, 1)).round().astype(np.uint8)
+    Image.fromarray(ramp, mode="L").save(tmp_path / "dim.png")
+    records = [Record("p0", "dim.png", 1, "srcA")]
+    config = TrainConfig(name="t", backbone="squeezenet1_1", pretrained=False, num_workers=0, batch_size=1,
+                         hflip=False, rotation=0.0, color_jitter=0.0, crop_fraction=1.0, equalize=equalize)
+    trained = next(iter(train_loader(records, tmp_path, config, 64, [0.0] * 3, [1.0] * 3)[0]))[0][0]
+    evaluated = next(iter(eval_loader(records, tmp_path, 64, [0.0] * 3, [1.0] * 3, crop_fraction=1.0,
+                                      num_workers=0, equalize=equalize)))[0][0]
+    for x in (trained, evaluated):
+        if equalize:
+            assert x.min() <= 0.03 and x.max() == 1.0
+        else:
+            assert 39 / 255 <= x.min() and x.max() <= 117 / 255
+    torch.testing.assert_close(trained, evaluated)

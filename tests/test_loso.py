@@ -4,10 +4,9 @@ and scores every image of it; the table generator renders the result."""
 from __future__ import annotations
 
 import json
+import shutil
 
-
-import train.loso as loso
-from train import model_table
+from train import loso, model_table
 from train.run import fit as run_fit
 
 
@@ -75,3 +74,63 @@ def test_the_card_command_carries_no_machine_folder():
             "--runs-dir=/tmp/r", "--weights-dir", "w", "--resume", "--epochs", "3", "--no-progress"]
     assert shipped_command(argv) == ("python -m train --recipe train/recipes/plus/x.toml --data .../covidx-plus "
                                      "--epochs 3 --no-progress")
+
+
+def _recipe(path, extra: str = ""):
+    path.write_text('name = "tiny"\nbackbone = "squeezenet1_1"\npretrained = false\nepochs = 3\nbatch_size = 4\n'
+                    'lr = 1e-3\nnum_workers = 0\nseed = 1\ncache = "gray"\n' + extra)
+    return path
+
+
+def test_folds_follow_the_recipes_train_sources_and_lung_crop(tiny_covidx, tmp_path, monkeypatch):
+    seen, lung_weights = [], []
+
+    def spy_fit(model, loader, *args, **kwargs):
+        seen.append({r.source for r in loader.dataset.records})
+        return run_fit(model, loader, *args, **kwargs)
+
+    def spy_caches(*args, **kwargs):
+        lung_weights.append(kwargs.get("lung_weights"))
+        return real_caches(*args, **{**kwargs, "lung_weights": None})  # the crop itself: tests/test_lung_crop.py
+
+    real_caches = loso.prepare_caches
+    monkeypatch.setattr(loso, "fit", spy_fit)
+    monkeypatch.setattr(loso, "prepare_caches", spy_caches)
+    monkeypatch.setattr(loso, "lung_weights_for", lambda config, args: tmp_path / "lungs.safetensors"
+                        if config.crop == "lungs" else None)
+    data = tmp_path / "three"  # a third source, srcC: the 5th and 6th image of each split (one of each label)
+    shutil.copytree(tiny_covidx, data)
+    for split in ("train", "val", "test"):
+        lines = (data / f"{split}.txt").read_text().splitlines()
+        lines = [line.replace(" srcA", " srcC") if i in (4, 5) else line for i, line in enumerate(lines)]
+        (data / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    recipe = _recipe(tmp_path / "recipe.toml", 'crop = "lungs"\ntrain_sources = ["srcA"]\n')
+    out = tmp_path / "tiny.loso.json"
+    assert loso.main(["--recipe", str(recipe), "--data", str(data), "--epochs", "1", "--n-boot", "20",
+                      "--sources", "srcB", "--out", str(out), "--runs-dir", str(tmp_path / "runs"),
+                      "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert lung_weights == [tmp_path / "lungs.safetensors"]
+    assert seen == [{"srcA"}]  # not srcC: the recipe trains on srcA only
+    fold = json.loads(out.read_text())["folds"][0]
+    assert fold["held_out"] == "srcB" and fold["n"] == 10 and fold["train_images"] == 4
+
+
+def test_the_ingredient_table_names_each_recipes_change_and_its_folds(tmp_path):
+    (tmp_path / "recipes").mkdir()
+    _recipe(tmp_path / "recipes" / "ref.toml")
+    _recipe(tmp_path / "recipes" / "eq.toml", "equalize = true\ngamma = 0.5\n")
+
+    def result(name, auc, spec):
+        folds = [{"held_out": "a", "overall": {"auc": {"value": auc, "ci_low": auc - 0.1, "ci_high": auc + 0.1},
+                                                "sensitivity": {"value": 0.5},
+                                                "specificity": {"value": 0.25}}},
+                 {"held_out": "b", "overall": {"auc": None, "sensitivity": None, "specificity": {"value": spec}}}]
+        return {"recipe": name, "epochs": 2, "folds": folds,
+                "command": f"python -m train.loso --recipe recipes/{name}.toml --data x --epochs 2"}
+
+    again = result("ref", 0.65, 0.1) | {"seed": 4}  # the reference run again with another seed (train.loso --seed)
+    rows = model_table.ingredient_rows(result("ref", 0.6, 0.05), [result("eq", 0.7, 0.5), again], tmp_path)
+    assert rows[0] == "| recipe | change from the reference | a held out | b held out |"
+    assert rows[2] == "| `ref` | none (the reference) | AUC 0.600 (0.50–0.70), sens 0.500, spec 0.250 | spec 0.050 |"
+    assert rows[3] == "| `eq` | gamma 0.5, equalize true | AUC 0.700 (0.60–0.80), sens 0.500, spec 0.250 | spec 0.500 |"
+    assert rows[4].startswith("| `ref` | seed 4 | AUC 0.650")

@@ -105,6 +105,35 @@ def test_predictor_sees_what_training_saw(tiny_covidx, tmp_path, fake_lungs):
     assert predictor.resize_side == 2 * round(SIZE / FRACTION)
 
 
+class CountingLungs(FakeLungs):
+    def __init__(self) -> None:
+        super().__init__()
+        self.passes = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.passes += len(x)
+        return super().forward(x)
+
+
+def test_one_classify_request_runs_the_lung_model_once(tiny_covidx, monkeypatch):
+    """A lung-crop model's crop, the view under its heatmap and the lungs' outline all come
+    from one lung-model pass, which the outline reuses."""
+    import app
+    from covidtl.scope import ScopeGate
+
+    records, image_dir, _ = _split(tiny_covidx)
+    film = image_dir / next(r.filename for r in records if r.label == 1)  # bright centre: FakeLungs finds lungs
+    counting = CountingLungs()
+    predictor = Predictor(create_model("resnet18"), _card(lung_crop=True), lung_model=counting)
+    monkeypatch.setattr(app, "_predictor", lambda store, name: predictor)
+    outliner = lungs.LungOutliner(counting)
+    *_, timing, state = app.classify(None, ScopeGate(), str(film), None, "Grad-CAM", 0.4, lungs=outliner)
+    assert counting.passes == 1 and state["lungs"] is not None and "lung outline" in timing
+    assert np.array_equal(state["view"], predictor.view(load_image(film)))  # the view of the same crop
+    *_, state = app.classify(None, ScopeGate(), str(film), None, "Grad-CAM", 0.4)
+    assert counting.passes == 3 and state["lungs"] is None  # one more request (+ the view above): one pass each
+
+
 def test_a_lung_crop_model_without_its_lung_model_is_refused():
     with pytest.raises(CardError, match="lung model"):
         Predictor(create_model("resnet18"), _card(lung_crop=True))

@@ -137,6 +137,18 @@ def test_the_predictor_sees_the_central_crop_fraction_of_the_image(crop, tmp_pat
     assert view[:, -1].mean() == pytest.approx(right, abs=4)
 
 
+@pytest.mark.parametrize("equalize", [False, True])
+def test_the_predictor_equalizes_the_view_when_the_card_says_so(equalize, tmp_path):
+    predictor = Predictor.from_file(export_tiny_model(tmp_path, input_size=64, crop_fraction=1.0, equalize=equalize))
+    dim = Image.fromarray(np.round(np.asarray(_ramp()) * 0.3 + 40).astype(np.uint8))  # grey levels 40-116
+    view = predictor.view(dim)
+    if equalize:  # a flat histogram over the whole 8-bit range
+        assert view.min() <= 8 and view.max() == 255
+        assert np.percentile(view, 50) == pytest.approx(128, abs=8)
+    else:
+        assert 40 <= view.min() and view.max() <= 116
+
+
 def test_the_predictor_normalizes_with_the_cards_mean_and_std(tmp_path):
     mean, std = [0.45, 0.4, 0.35], [0.3, 0.2, 0.1]
     predictor = Predictor.from_file(export_tiny_model(tmp_path, input_size=64, mean=mean, std=std))

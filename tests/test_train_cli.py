@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 import train.run as train_run
 from covidtl.export import load_model
+from covidtl.inference import Predictor, load_upload
 from covidtl.metrics import choose_threshold
 from train import evaluate as evaluate_cli
 from train.run import main as train_main
@@ -82,6 +83,37 @@ def test_train_exports_weights_card_and_plots(tiny_covidx, tmp_path):
     assert report["temperature"] == card["temperature"]
     assert [r["p_positive"] for r in report["scores"]] == pytest.approx([r["p_positive"] for r in test["scores"]], abs=1e-6)
     assert (out / "test.roc.png").is_file()
+
+
+def test_an_equalizing_recipe_is_followed_by_the_card_evaluate_and_the_predictor(tiny_covidx, tmp_path):
+    """equalize = true: the card says so, and `train.evaluate` and the app's Predictor score
+    the test films as training's evaluation did (each fails if it skips the equalization)."""
+    assert train_main(cli_args(write_recipe(tmp_path, epochs=1, equalize=True), tiny_covidx, tmp_path)) == 0
+    card = json.loads((tmp_path / "weights" / "tiny.json").read_text())
+    assert card["equalize"] is True
+    trained = [r["p_positive"] for r in card["metrics"]["test"]["scores"]]
+    out = tmp_path / "report"
+    assert evaluate_cli.main(["--weights", str(tmp_path / "weights" / "tiny.safetensors"), "--data", str(tiny_covidx),
+                              "--out", str(out), "--n-boot", "20", "--num-workers", "0", "--no-progress"]) == 0
+    assert [r["p_positive"] for r in json.loads((out / "report.json").read_text())["scores"]] == pytest.approx(trained, abs=1e-5)
+    predictor = Predictor.from_file(tmp_path / "weights" / "tiny.safetensors")
+    served = [predictor.predict(load_upload(tiny_covidx / "test" / r["filename"])).p_positive
+              for r in card["metrics"]["test"]["scores"]]
+    assert served == pytest.approx(trained, abs=1e-5)
+
+
+def test_train_sources_limit_training_and_selection_but_test_is_scored_whole(tiny_covidx, tmp_path, capsys):
+    assert train_main(cli_args(write_recipe(tmp_path, epochs=1, train_sources=["srcA"]), tiny_covidx, tmp_path)) == 0
+    card = json.loads((tmp_path / "weights" / "tiny.json").read_text())
+    for split in ("train", "val"):
+        lines = (tiny_covidx / f"{split}.txt").read_text().splitlines()
+        assert card["data"]["splits"][split]["n"] == sum(line.endswith(" srcA") for line in lines) < len(lines)
+    assert card["metrics"]["val"]["n"] == card["data"]["splits"]["val"]["n"]
+    assert set(card["metrics"]["test"]["per_source"]) == {"srcA", "srcB"}
+    assert card["config"]["train_sources"] == ["srcA"]
+    recipe = write_recipe(tmp_path, epochs=1, train_sources=["srcA", "elsewhere"])
+    assert train_main(cli_args(recipe, tiny_covidx, tmp_path)) != 0
+    assert "train_sources names ['elsewhere']" in capsys.readouterr().err
 
 
 def test_pretrained_offline_fails_fast_with_actionable_message(tiny_covidx, tmp_path, monkeypatch, capsys):

@@ -219,7 +219,9 @@ def test_a_run_resumed_after_its_best_epoch_logs_the_uninterrupted_history(run):
 def test_the_card_records_the_recipes_framing_and_normalization(run):
     assert run.card["crop_fraction"] == CROP
     assert run.card["mean"] == [MEAN] * 3 and run.card["std"] == [STD] * 3
-    assert run.predictor.geometry == (get_spec("squeezenet1_1").input_size, CROP, (MEAN,) * 3, (STD,) * 3, None)  # None: no lung crop
+    assert run.card["equalize"] is False
+    # False: not equalized; None: no lung crop
+    assert run.predictor.geometry == (get_spec("squeezenet1_1").input_size, CROP, False, (MEAN,) * 3, (STD,) * 3, None)
     assert run.card["shortcut_audit"]["layer"] == get_spec("squeezenet1_1").cam_layer
 
 

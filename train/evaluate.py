@@ -54,7 +54,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     records = check_images(parse_label_file(label_file), image_dir, on_missing=args.on_missing)
     records = scan_images(records, image_dir, on_corrupt=args.on_corrupt)
     loader = eval_loader(records, image_dir, card["input_size"], card["mean"], card["std"],
-                         card.get("crop_fraction", 0.9), batch_size=args.batch_size, num_workers=args.num_workers)
+                         card.get("crop_fraction", 0.9), batch_size=args.batch_size, num_workers=args.num_workers,
+                         equalize=bool(card.get("equalize", False)))
     bar = lambda it: tqdm(it, desc=f"scoring {args.split}", disable=not args.progress)  # noqa: E731
     # calibrated P(COVID-19), softmax(logits / T): the scores the card's threshold applies to
     scores, labels, _ = predict_scores(model, loader, device, progress=bar, temperature=card_temperature(card))

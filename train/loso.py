@@ -35,7 +35,16 @@ from covidtl.loaders import eval_loader, train_loader
 from covidtl.locate import DatasetUnavailableError
 from covidtl.models import PretrainedWeightsUnavailable, create_model, get_spec
 from covidtl.scan import CorruptImagesError, MissingImagesError
-from train.run import fit, load_splits, make_criterion, prepare_caches, seed_everything, shipped_command
+from train.run import (
+    fit,
+    keep_sources,
+    load_splits,
+    lung_weights_for,
+    make_criterion,
+    prepare_caches,
+    seed_everything,
+    shipped_command,
+)
 
 log = logging.getLogger("train.loso")
 
@@ -52,6 +61,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cache-dir", type=Path, help="where image caches live")
     p.add_argument("--num-workers", type=int)
     p.add_argument("--n-boot", type=int, help="override the recipe's bootstrap resamples")
+    p.add_argument("--seed", type=int, help="override the recipe's seed (a second run of a recipe, to see its spread)")
+    p.add_argument("--lung-weights", type=Path, help="lung model for a crop = \"lungs\" recipe (default: the shipped one)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=False)
     return p.parse_args(argv)
@@ -64,7 +75,8 @@ def _fold_logits(model, pieces, caches, config, spec, mean, std, device) -> tupl
         if not records:
             continue
         loader = eval_loader(records, image_dir, spec.input_size, mean, std, config.crop_fraction,
-                             batch_size=config.batch_size * 2, num_workers=config.num_workers, cache=caches.get(split))
+                             batch_size=config.batch_size * 2, num_workers=config.num_workers, cache=caches.get(split),
+                             equalize=config.equalize)
         z, y, _ = predict_logits(model, loader, device)
         all_logits.append(z)
         all_labels.append(y)
@@ -78,15 +90,16 @@ def run_fold(source: str, config, splits, caches, runs_dir: Path, device: torch.
     spec = get_spec(config.backbone)
     mean, std = (config.mean, config.std) if config.mean is not None else (spec.mean, spec.std)
     train_records, train_dir = splits["train"]
-    kept = [r for r in train_records if r.source != source]
+    kept = [r for r in keep_sources(train_records, config.train_sources, "train") if r.source != source]
     val_records, val_dir = splits["val"]
-    val_kept = [r for r in val_records if r.source != source]
+    val_kept = [r for r in keep_sources(val_records, config.train_sources, "val") if r.source != source]
     if len({r.label for r in kept}) < 2 or len({r.label for r in val_kept}) < 2:
         raise ValueError(f"without {source!r} the train or validation split lacks a class; this fold cannot be trained")
     model = create_model(config.backbone, pretrained=config.pretrained, mode=config.mode).to(device)
     loader, sampler = train_loader(kept, train_dir, config, spec.input_size, mean, std, cache=caches.get("train"))
     val_loader = eval_loader(val_kept, val_dir, spec.input_size, mean, std, config.crop_fraction,
-                             batch_size=config.batch_size * 2, num_workers=config.num_workers, cache=caches.get("val"))
+                             batch_size=config.batch_size * 2, num_workers=config.num_workers, cache=caches.get("val"),
+                             equalize=config.equalize)
     run_dir = runs_dir / source
     history, best_epoch = fit(model, loader, sampler, val_loader, make_criterion(config, kept, device), config,
                               device, run_dir, show=show)
@@ -119,12 +132,15 @@ def run_fold(source: str, config, splits, caches, runs_dir: Path, device: torch.
 
 
 def run(args: argparse.Namespace) -> dict:
-    config = load_recipe(args.recipe, {"epochs": args.epochs, "num_workers": args.num_workers, "n_boot": args.n_boot})
+    config = load_recipe(args.recipe, {"epochs": args.epochs, "num_workers": args.num_workers, "n_boot": args.n_boot,
+                                       "seed": args.seed})
     device = torch.device(args.device)
     spec = get_spec(config.backbone)
     create_model(config.backbone, pretrained=config.pretrained, mode=config.mode)  # fail fast, before data work
+    lung_weights = lung_weights_for(config, args)
     splits = load_splits(args.data, "error", "error", scan=config.cache == "none")
-    splits, caches = prepare_caches(config, args.data, splits, spec.input_size, args.cache_dir, "error", args.progress)
+    splits, caches = prepare_caches(config, args.data, splits, spec.input_size, args.cache_dir, "error", args.progress,
+                                    lung_weights=lung_weights)
     sources = sorted({r.source for records, _ in splits.values() for r in records})
     chosen = args.sources or sources
     unknown = sorted(set(chosen) - set(sources))
@@ -137,6 +153,7 @@ def run(args: argparse.Namespace) -> dict:
         "recipe": config.name,
         "data": args.data.resolve().name,
         "epochs": config.epochs,
+        "seed": config.seed,
         "command": shipped_command(sys.argv[1:], prog="python -m train.loso"),
         "folds": [],
     }

@@ -12,9 +12,12 @@ import argparse
 import json
 from pathlib import Path
 
+from covidtl.config import load_recipe
 from covidtl.export import list_exported, read_card
 
 METRIC_COLUMNS = ("auc", "sensitivity", "specificity", "ppv", "npv")
+# The recipe the ingredient comparison changes one thing at a time (train/recipes/ablation/).
+INGREDIENT_REFERENCE = "efficientnet_lite0_plus"
 
 
 def fmt(metric: dict | None) -> str:
@@ -130,6 +133,52 @@ def read_loso(weights_dir: Path) -> list[dict]:
     return [json.loads(path.read_text()) for path in sorted(Path(weights_dir).glob("*.loso.json"))]
 
 
+def recipe_of(result: dict, root: Path) -> dict:
+    """The settings of the recipe a `python -m train.loso` result names in its command
+    (path relative to `root`, the repository), with the epochs and seed its folds ran."""
+    words = result["command"].split()
+    config = load_recipe(root / words[words.index("--recipe") + 1]).to_dict()
+    return config | {"epochs": result["epochs"], "seed": result.get("seed", config["seed"])}
+
+
+def recipe_changes(config: dict, reference: dict) -> str:
+    """What `config` sets differently from `reference` ("key value, ..."), marks left out."""
+    def text(value) -> str:  # as a recipe writes it
+        if isinstance(value, bool):
+            return str(value).lower()
+        return "[" + ", ".join(map(str, value)) + "]" if isinstance(value, (list, tuple)) else str(value)
+
+    changed = [f"{key} {text(value)}" for key, value in config.items()
+               if key not in ("name", "default") and value != reference.get(key)]
+    return ", ".join(changed) or "none (the reference)"
+
+
+LOSO_CELLS = (("auc", "AUC"), ("sensitivity", "sens"), ("specificity", "spec"))
+
+
+def fold_cell(fold: dict | None) -> str:
+    """"AUC a (95 % interval), sens b, spec c" of a held-out source (what its classes allow)."""
+    if fold is None:
+        return "not run"
+    overall = fold["overall"]
+    return ", ".join(f"{short} {fmt(overall[name]) if name == 'auc' else format(overall[name]['value'], '.3f')}"
+                     for name, short in LOSO_CELLS if (overall.get(name) or {}).get("value") is not None)
+
+
+def ingredient_rows(reference: dict, results: list[dict], root: Path) -> list[str]:
+    """One row per recipe: what it changes from `reference` (a `train.loso` result) and
+    each held-out source's AUC, sensitivity and specificity."""
+    sources = sorted({fold["held_out"] for result in [reference, *results] for fold in result["folds"]})
+    base = recipe_of(reference, root)
+    rows = ["| recipe | change from the reference | " + " | ".join(f"{s} held out" for s in sources) + " |",
+            "|---|---|" + "---|" * len(sources)]
+    for result in [reference, *results]:
+        folds = {fold["held_out"]: fold for fold in result["folds"]}
+        cells = [fold_cell(folds.get(source)) for source in sources]
+        rows.append(f"| `{result['recipe']}` | {recipe_changes(recipe_of(result, root), base)} | " + " | ".join(cells) + " |")
+    return rows
+
+
 def render(weights_dir: Path) -> str:
     cards = []
     for path in list_exported(weights_dir):
@@ -170,8 +219,24 @@ def render(weights_dir: Path) -> str:
                   "Each fold trains the recipe without one source (model selection, temperature and threshold on the",
                   "validation split without it) and scores every image of that source from all splits: the estimate of",
                   "performance at a hospital never seen. A source of one class has no AUC and only that class's rate.",
-                  "Commands: " + "; ".join(f"`{r['command']}`" for r in loso), ""]
-        lines += loso_rows(loso)
+                  "Commands: " + "; ".join(f"`{r['command']}`" for r in loso)]
+        unshipped = [r["recipe"] for r in loso if r["recipe"] not in {card["name"] for card in cards}]
+        if unshipped:
+            lines += ["Recipes whose model is not shipped (the ingredient comparison's reference, below): "
+                      + ", ".join(f"`{name}`" for name in unshipped) + "."]
+        lines += [""] + loso_rows(loso)
+    ablation = read_loso(Path(weights_dir) / "ablation")
+    reference = next((r for r in loso if r["recipe"] == INGREDIENT_REFERENCE), None)
+    if reference and ablation:
+        lines += ["", "## Ingredient comparison", "",
+                  "What makes a model hold up at a new site, decided by leave-one-source-out validation: each recipe",
+                  f"in `train/recipes/ablation/` is the reference recipe (`{INGREDIENT_REFERENCE}`, above) with the",
+                  "change named, run through the same folds and epochs (`weights/ablation/*.loso.json`, each with",
+                  "its command). AUC is threshold-free; sensitivity and specificity are at the fold's own threshold,",
+                  "chosen on validation without the held-out source. Decided by the cohen held-out AUC (the one",
+                  "held-out source with many of both classes), then the nih held-out specificity (adult negatives",
+                  "from a site never seen); fig1 has 5 negatives, kermany is children.", ""]
+        lines += ingredient_rows(reference, ablation, Path(weights_dir).resolve().parent)
     lines += lung_model_rows(weights_dir)
     lines += ["", "## How each model was made", ""]
     for card in cards:

@@ -158,6 +158,17 @@ def load_splits(root: Path, on_missing: str, on_corrupt: str, scan: bool = True)
     return splits
 
 
+def keep_sources(records: list, sources: tuple[str, ...] | None, split: str) -> list:
+    """The records of `sources` (a recipe's ``train_sources``; None: all of them)."""
+    if sources is None:
+        return records
+    present = {r.source for r in records}
+    missing = sorted(set(sources) - present)
+    if missing:
+        raise ValueError(f"train_sources names {missing}, which the {split} split does not have; it has {sorted(present)}")
+    return [r for r in records if r.source in sources]
+
+
 def prepare_caches(config: TrainConfig, root: Path, splits, input_size: int, cache_dir: Path | None,
                    on_corrupt: str, show: bool, lung_weights: Path | None = None) -> tuple[dict, dict[str, ImageCache]]:
     """(splits, {split: image cache}) when the recipe asks for a cache: built on the first run,
@@ -242,6 +253,10 @@ def normalization(config: TrainConfig, args: argparse.Namespace, train_split, in
                   cache: ImageCache | None = None):
     spec = get_spec(config.backbone)
     if args.stats == "compute":
+        if config.equalize:
+            raise ValueError("--stats compute measures the films before equalization, but this recipe equalizes "
+                             "them (equalize = true), which leaves every film with a flat histogram; use the "
+                             "backbone's mean and std (leave out --stats) or set mean and std in the recipe")
         records, image_dir = train_split
         bar = lambda it: tqdm(it, desc="normalization stats", leave=False, disable=not show)  # noqa: E731
         mean, std = compute_stats(records, image_dir, size=input_size, num_workers=config.num_workers, progress=bar,
@@ -406,6 +421,8 @@ def run(args: argparse.Namespace) -> int:
     lung_weights = lung_weights_for(config, args)
     splits, caches = prepare_caches(config, root, splits, spec.input_size, args.cache_dir, args.on_corrupt, show,
                                     lung_weights)
+    for split in ("train", "val"):  # train and select on the recipe's sources; test is scored whole
+        splits[split] = (keep_sources(splits[split][0], config.train_sources, split), splits[split][1])
     (train_records, train_dir), val_records = splits["train"], splits["val"][0]
     val_labels = np.array([r.label for r in val_records])
     if len(set(val_labels.tolist())) < 2:
@@ -419,7 +436,8 @@ def run(args: argparse.Namespace) -> int:
                                    cache=caches.get("train"))
     loaders = {  # val and test: scored in record order (train is scored by training itself)
         split: eval_loader(records, image_dir, spec.input_size, mean, std, config.crop_fraction,
-                           batch_size=config.batch_size * 2, num_workers=config.num_workers, cache=caches.get(split))
+                           batch_size=config.batch_size * 2, num_workers=config.num_workers, cache=caches.get(split),
+                           equalize=config.equalize)
         for split, (records, image_dir) in splits.items() if split != "train"
     }
 
@@ -509,6 +527,7 @@ def evaluate_and_export(model, config, args, root, splits, loaders, mean, std, n
         "architecture": config.backbone,
         "input_size": spec.input_size,
         "crop_fraction": config.crop_fraction,
+        "equalize": config.equalize,
         "mean": list(mean),
         "std": list(std),
         "normalization_source": norm_source,
