@@ -289,6 +289,12 @@ def classify(
         return label_data(None), refusal, _for_display(image), None, timing, None
     lung_start = time.perf_counter()
     crop = predictor.lung_crop(image)  # a lung-crop model's one lung-model pass; None for others
+    if lungs is None:
+        in_view = None
+    elif crop is not None:  # the outline of the very mask the crop was cut by
+        in_view = lungs_in_view(crop, predictor.input_size, predictor.crop_fraction)
+    else:
+        in_view = lungs.in_view(image, predictor.input_size, predictor.crop_fraction)
     lung_ms = 1000.0 * (time.perf_counter() - lung_start)
     x = predictor.preprocess(image, crop)
     prediction = predictor.predict(x)
@@ -296,12 +302,6 @@ def classify(
     heatmap = predictor.explain(x, cam_method)
     cam_ms = 1000.0 * (time.perf_counter() - cam_start)
     view = predictor.view(image, crop)
-    lung_start = time.perf_counter()
-    if crop is not None:  # the outline of the very mask the crop was cut by
-        in_view = lungs_in_view(crop, predictor.input_size, predictor.crop_fraction) if lungs else None
-    else:
-        in_view = lungs.in_view(image, predictor.input_size, predictor.crop_fraction, cropped=False) if lungs else None
-    lung_ms += 1000.0 * (time.perf_counter() - lung_start)
     total_ms = 1000.0 * (time.perf_counter() - start)
     timing = (
         f"Input check {scope_ms:.0f} ms · prediction {prediction.latency_ms:.0f} ms · "

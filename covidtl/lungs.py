@@ -295,12 +295,12 @@ class LungOutliner:
             return None
         return cls(load_lung_model(path)[0])
 
-    def in_view(self, image: Image.Image, input_size: int, crop_fraction: float, cropped: bool) -> np.ndarray | None:
-        """bool [input_size, input_size]: the lungs of `image` where a classifier with this
-        framing sees them (`cropped`: one trained on lung crops); None when the mask is
-        implausible. See `lungs_in_view`."""
+    def in_view(self, image: Image.Image, input_size: int, crop_fraction: float) -> np.ndarray | None:
+        """bool [input_size, input_size]: the lungs of `image` where a whole-film classifier
+        with this framing sees them; None when the mask is implausible. (A lung-crop model's
+        outline comes from its own crop: `lungs_in_view(Predictor.lung_crop(image), ...)`.)"""
         with self.lock:
-            found = crop_to_lungs(image, self.model) if cropped else locate_lungs(image, self.model)
+            found = locate_lungs(image, self.model)
         return lungs_in_view(found, input_size, crop_fraction)
 
 

@@ -82,18 +82,24 @@ def _recipe(path, extra: str = ""):
     return path
 
 
-def test_folds_follow_the_recipes_train_sources_and_lung_crop(tiny_covidx, tmp_path, monkeypatch):
-    seen, lung_weights = [], []
+def test_folds_follow_the_recipes_train_sources_lung_crop_equalize_and_seed(tiny_covidx, tmp_path, monkeypatch):
+    seen, seeds, lung_weights, equalized = [], [], [], []
 
-    def spy_fit(model, loader, *args, **kwargs):
+    def spy_fit(model, loader, sampler, val_loader, criterion, config, *args, **kwargs):
         seen.append({r.source for r in loader.dataset.records})
-        return run_fit(model, loader, *args, **kwargs)
+        seeds.append(config.seed)
+        return run_fit(model, loader, sampler, val_loader, criterion, config, *args, **kwargs)
+
+    def spy_eval_loader(*args, **kwargs):
+        equalized.append(kwargs.get("equalize"))
+        return real_eval_loader(*args, **kwargs)
 
     def spy_caches(*args, **kwargs):
         lung_weights.append(kwargs.get("lung_weights"))
         return real_caches(*args, **{**kwargs, "lung_weights": None})  # the crop itself: tests/test_lung_crop.py
 
-    real_caches = loso.prepare_caches
+    real_caches, real_eval_loader = loso.prepare_caches, loso.eval_loader
+    monkeypatch.setattr(loso, "eval_loader", spy_eval_loader)
     monkeypatch.setattr(loso, "fit", spy_fit)
     monkeypatch.setattr(loso, "prepare_caches", spy_caches)
     monkeypatch.setattr(loso, "lung_weights_for", lambda config, args: tmp_path / "lungs.safetensors"
@@ -104,13 +110,15 @@ def test_folds_follow_the_recipes_train_sources_and_lung_crop(tiny_covidx, tmp_p
         lines = (data / f"{split}.txt").read_text().splitlines()
         lines = [line.replace(" srcA", " srcC") if i in (4, 5) else line for i, line in enumerate(lines)]
         (data / f"{split}.txt").write_text("\n".join(lines) + "\n")
-    recipe = _recipe(tmp_path / "recipe.toml", 'crop = "lungs"\ntrain_sources = ["srcA"]\n')
+    recipe = _recipe(tmp_path / "recipe.toml", 'crop = "lungs"\ntrain_sources = ["srcA"]\nequalize = true\n')
     out = tmp_path / "tiny.loso.json"
     assert loso.main(["--recipe", str(recipe), "--data", str(data), "--epochs", "1", "--n-boot", "20",
-                      "--sources", "srcB", "--out", str(out), "--runs-dir", str(tmp_path / "runs"),
+                      "--sources", "srcB", "--seed", "5", "--out", str(out), "--runs-dir", str(tmp_path / "runs"),
                       "--cache-dir", str(tmp_path / "cache")]) == 0
     assert lung_weights == [tmp_path / "lungs.safetensors"]
     assert seen == [{"srcA"}]  # not srcC: the recipe trains on srcA only
+    assert equalized and all(equalized)  # validation and the held-out films are scored as trained
+    assert seeds == [5] and json.loads(out.read_text())["seed"] == 5  # --seed, not the recipe's 1
     fold = json.loads(out.read_text())["folds"][0]
     assert fold["held_out"] == "srcB" and fold["n"] == 10 and fold["train_images"] == 4
 

@@ -134,6 +134,32 @@ def test_one_classify_request_runs_the_lung_model_once(tiny_covidx, monkeypatch)
     assert counting.passes == 3 and state["lungs"] is None  # one more request (+ the view above): one pass each
 
 
+def test_compare_crops_once_for_the_models_that_share_a_geometry(tiny_covidx, monkeypatch):
+    import app
+    from covidtl.scope import ScopeGate
+
+    records, image_dir, _ = _split(tiny_covidx)
+    film = image_dir / next(r.filename for r in records if r.label == 1)
+    counting = CountingLungs()
+    predictors = {name: Predictor(create_model("resnet18"), {**_card(lung_crop=True), "name": name}, lung_model=counting)
+                  for name in ("a", "b")}
+
+    class Store:  # the two lung-crop models, as the app's ModelStore offers them
+        def __init__(self):
+            self.weights_dir = tiny_covidx
+            self.cards = {name: p.card for name, p in predictors.items()}
+
+        def names(self):
+            return list(predictors)
+
+        def load_all(self):
+            return predictors
+
+    rows, gallery, _ = app.compare(Store(), ScopeGate(), str(film), "Grad-CAM")
+    assert [row[0] for row in rows] == ["a", "b"] and len(gallery) == 2
+    assert counting.passes == 1  # one crop, shared by both models' tensors and heatmap views
+
+
 def test_a_lung_crop_model_without_its_lung_model_is_refused():
     with pytest.raises(CardError, match="lung model"):
         Predictor(create_model("resnet18"), _card(lung_crop=True))

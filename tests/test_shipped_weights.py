@@ -111,3 +111,17 @@ def test_the_default_ranks_both_hannover_films_above_both_nih_examples():
     nih = [p["nih-no-finding-00002371_010"], p["nih-pneumonia-00005638_000"]]
     assert min(hannover) > max(nih)
     assert [round(v, 3) for v in hannover + nih] == [0.236, 0.044, 0.007, 0.032]
+
+
+def test_the_table_names_unshipped_loso_recipes_and_compares_every_ingredient():
+    """weights/README.md: a leave-one-source-out recipe with no shipped model is named as such,
+    and the ingredient comparison has a row for the reference and each ablation result."""
+    text = model_table.render(WEIGHTS)
+    shipped = {read_card(path.with_suffix(".json"))["name"] for path in SHIPPED}
+    unshipped = [r["recipe"] for r in model_table.read_loso(WEIGHTS) if r["recipe"] not in shipped]
+    assert unshipped == [model_table.INGREDIENT_REFERENCE]
+    assert f"Recipes whose model is not shipped (the ingredient comparison's reference, below): `{unshipped[0]}`." in text
+    section = text[text.index("## Ingredient comparison"):text.index("## Lung segmentation model")]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    assert len(rows) == 1 + len(model_table.read_loso(WEIGHTS / "ablation"))
+    assert rows[0].startswith(f"| `{model_table.INGREDIENT_REFERENCE}` | none (the reference) |")

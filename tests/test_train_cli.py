@@ -114,6 +114,15 @@ def test_train_sources_limit_training_and_selection_but_test_is_scored_whole(tin
     recipe = write_recipe(tmp_path, epochs=1, train_sources=["srcA", "elsewhere"])
     assert train_main(cli_args(recipe, tiny_covidx, tmp_path)) != 0
     assert "train_sources names ['elsewhere']" in capsys.readouterr().err
+    assert train_main(cli_args(write_recipe(tmp_path, train_sources=[]), tiny_covidx, tmp_path)) != 0
+    assert "train_sources is empty" in capsys.readouterr().err
+
+
+def test_stats_compute_refuses_an_equalizing_recipe(tiny_covidx, tmp_path, capsys):
+    recipe = write_recipe(tmp_path, epochs=1, equalize=True)
+    assert train_main(cli_args(recipe, tiny_covidx, tmp_path, "--stats", "compute")) != 0
+    assert "equalize = true" in capsys.readouterr().err
+    assert not (tmp_path / "weights" / "tiny.json").exists()
 
 
 def test_pretrained_offline_fails_fast_with_actionable_message(tiny_covidx, tmp_path, monkeypatch, capsys):

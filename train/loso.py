@@ -68,15 +68,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _scoring_loader(records, image_dir, split, caches, config, spec, mean, std):
+    """The evaluation loader of `records` (of `split`), framed as the recipe trains."""
+    return eval_loader(records, image_dir, spec.input_size, mean, std, config.crop_fraction,
+                       batch_size=config.batch_size * 2, num_workers=config.num_workers, cache=caches.get(split),
+                       equalize=config.equalize)
+
+
 def _fold_logits(model, pieces, caches, config, spec, mean, std, device) -> tuple[np.ndarray, np.ndarray]:
     """Logits and labels of `pieces`: [(split, records, image_dir)], concatenated."""
     all_logits, all_labels = [], []
     for split, records, image_dir in pieces:
         if not records:
             continue
-        loader = eval_loader(records, image_dir, spec.input_size, mean, std, config.crop_fraction,
-                             batch_size=config.batch_size * 2, num_workers=config.num_workers, cache=caches.get(split),
-                             equalize=config.equalize)
+        loader = _scoring_loader(records, image_dir, split, caches, config, spec, mean, std)
         z, y, _ = predict_logits(model, loader, device)
         all_logits.append(z)
         all_labels.append(y)
@@ -97,9 +102,7 @@ def run_fold(source: str, config, splits, caches, runs_dir: Path, device: torch.
         raise ValueError(f"without {source!r} the train or validation split lacks a class; this fold cannot be trained")
     model = create_model(config.backbone, pretrained=config.pretrained, mode=config.mode).to(device)
     loader, sampler = train_loader(kept, train_dir, config, spec.input_size, mean, std, cache=caches.get("train"))
-    val_loader = eval_loader(val_kept, val_dir, spec.input_size, mean, std, config.crop_fraction,
-                             batch_size=config.batch_size * 2, num_workers=config.num_workers, cache=caches.get("val"),
-                             equalize=config.equalize)
+    val_loader = _scoring_loader(val_kept, val_dir, "val", caches, config, spec, mean, std)
     run_dir = runs_dir / source
     history, best_epoch = fit(model, loader, sampler, val_loader, make_criterion(config, kept, device), config,
                               device, run_dir, show=show)
