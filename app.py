@@ -99,7 +99,9 @@ tell COVID-19 positive from negative chest X-rays, and shows class activation ma
   colour photo, a near-uniform image or an image far from the training films is labelled
   **{OUT_OF_SCOPE}**, with the reason, and gets no decision and no confidences. The check
   can pass an unusual image or refuse an unusual film; it is a guard, not a guarantee.
-- The heatmap covers the center crop the model sees, not the borders of the uploaded image.
+- The heatmap covers the part of the image the model sees: the center crop of the film or, for
+  a model trained on lung crops, the center crop of the box around the lungs (outlined), not the
+  borders of the uploaded image.
 
 ### Use it from code
 ```python
@@ -528,7 +530,7 @@ def build_demo(
                         with gr.Row():
                             original = gr.Image(label="Uploaded image", type="pil", interactive=False, format="png")
                             heatmap = gr.Image(
-                                label="Heatmap (center crop the model sees)",
+                                label="Heatmap (the part of the image the model sees)",
                                 interactive=False,
                                 format="png",
                                 elem_id="heatmap",

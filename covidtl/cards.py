@@ -158,9 +158,13 @@ def card_markdown(card: dict) -> str:
     per-source results, provenance, intended use and limitations. Absent parts are skipped."""
     lines = [f"### {_cell(card.get('name', '?'))}"]
     facts = [f"architecture `{_cell(card.get('architecture', '?'))}`", f"input {card.get('input_size', '?')} px"]
-    for key, label in (("initialisation", "initialisation"), ("best_epoch", "best epoch"), ("created", "created")):
-        if card.get(key) is not None:
-            facts.append(f"{label} {_cell(card[key])}")
+    if card.get("initialisation") is not None:
+        facts.append(f"initialisation {_cell(card['initialisation'])}")
+    if card.get("best_epoch") is not None:
+        last = (card.get("config") or {}).get("keep_epoch") == "last"
+        facts.append(f"weights of epoch {card['best_epoch']} ({'the last' if last else 'best validation AUC'})")
+    if card.get("created") is not None:
+        facts.append(f"created {_cell(card['created'])}")
     lines.append("; ".join(facts) + ".")
     lines.append(
         f"\n**Operating threshold:** flags {POSITIVE_NAME} when P({POSITIVE_NAME}) ≥ {_num(card.get('threshold'))}."

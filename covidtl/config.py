@@ -12,13 +12,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from covidtl.models import MODES, list_models
+from covidtl.models import MODES, get_spec, list_models
 
 # Keys that change only what is exported, not the training: a --resume may change them.
 EXPORT_ONLY = ("epochs", "default", "n_boot", "min_sensitivity")
 BALANCE = ("none", "loss", "sampler", "sampler_source")
 CACHE = ("none", "gray", "rgb")  # "none", or the colour of a covidtl.cache image cache
 CROP = ("none", "lungs")  # "lungs": cut each image to its lungs (covidtl.lungs.crop_to_lungs)
+# Which epoch's weights a run keeps: "val_auc", the best by validation AUC (early stopping on
+# it); "last", the last epoch's (a fixed schedule, for validation sets too small to choose by).
+KEEP_EPOCH = ("val_auc", "last")
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,7 @@ class TrainConfig:
     plateau_patience: int = 3
     plateau_factor: float = 0.1
     early_stopping_patience: int = 10
+    keep_epoch: str = "val_auc"  # one of KEEP_EPOCH
     crop_fraction: float = 0.9
     hflip: bool = True
     rotation: float = 10.0
@@ -48,6 +52,12 @@ class TrainConfig:
     blur: float = 0.0
     noise: float = 0.0
     label_smoothing: float = 0.0  # CrossEntropyLoss(label_smoothing=...)
+    # > 0: mixup (Zhang et al. 2018) in training: each batch is blended with a shuffled copy
+    # of itself, weight lambda ~ Beta(mixup, mixup), and so are the two images' losses.
+    mixup: float = 0.0
+    # Side of the square the network sees, in pixels; None: the backbone's (covidtl.models).
+    # The card records it and the Predictor follows it.
+    input_size: int | None = None
     # "loss": class-weighted cross entropy; "sampler": class-balanced sampling;
     # "sampler_source": balanced over (label, source) pairs, against source shortcuts.
     balance: str = "loss"
@@ -86,6 +96,8 @@ class TrainConfig:
             raise ValueError(f"unknown balance {self.balance!r}; choose from {list(BALANCE)}")
         if self.cache not in CACHE:
             raise ValueError(f"unknown cache {self.cache!r}; choose from {list(CACHE)}")
+        if self.keep_epoch not in KEEP_EPOCH:
+            raise ValueError(f"unknown keep_epoch {self.keep_epoch!r}; choose from {list(KEEP_EPOCH)}")
         if self.crop not in CROP:
             raise ValueError(f"unknown crop {self.crop!r}; choose from {list(CROP)}")
         if self.crop == "lungs" and self.cache == "none":
@@ -98,10 +110,18 @@ class TrainConfig:
             raise ValueError(f"crop_fraction must be in (0, 1], not {self.crop_fraction}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), not {self.label_smoothing}")
+        if self.mixup < 0:
+            raise ValueError(f"mixup is the Beta distribution's parameter: 0 (off) or positive, not {self.mixup}")
+        if self.input_size is not None and self.input_size < 32:
+            raise ValueError(f"input_size must be 32 px or more (or left out for the backbone's), not {self.input_size}")
         if self.train_sources is not None and not self.train_sources:
             raise ValueError("train_sources is empty: name the sources to train on, or leave it out for all")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be positive")
+
+    def image_size(self) -> int:
+        """The side of the square the network sees: the recipe's `input_size`, else the backbone's."""
+        return self.input_size if self.input_size is not None else get_spec(self.backbone).input_size
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

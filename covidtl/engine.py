@@ -34,6 +34,18 @@ def _to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device,
     return images, labels.to(device, non_blocking=True)
 
 
+def mix_batch(images: torch.Tensor, labels: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Mixup (Zhang et al. 2018): (lam * images + (1 - lam) * images[perm], labels[perm], lam)
+    with lam ~ Beta(alpha, alpha) and `perm` a random order of the batch (torch's global RNG,
+    which the training loop seeds per epoch). The loss is then lam * loss(labels) +
+    (1 - lam) * loss(labels[perm])."""
+    if alpha <= 0:
+        raise ValueError(f"mixup alpha must be positive, not {alpha}")
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    perm = torch.randperm(len(labels), device=labels.device)
+    return lam * images + (1 - lam) * images[perm], labels[perm], lam
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: DataLoader,
@@ -43,17 +55,24 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler | None = None,
     channels_last: bool = False,
     progress: Progress = None,
+    mixup: float = 0.0,
 ) -> dict[str, float]:
     """Train for one pass over `loader`; returns {"train_loss": mean loss per image}.
 
-    `scaler` enables fp16 autocast (CUDA); `progress` wraps the loader (e.g. tqdm).
+    `scaler` enables fp16 autocast (CUDA); `progress` wraps the loader (e.g. tqdm);
+    `mixup` > 0 blends each batch with a shuffled copy of itself (:func:`mix_batch`).
     """
     model.train()
     loss_sum, count = 0.0, 0
     for images, labels in progress(loader) if progress else loader:
         images, labels = _to_device(images, labels, device, channels_last)
         with torch.autocast(device.type, dtype=torch.float16, enabled=scaler is not None):
-            loss = criterion(model(images), labels)
+            if mixup > 0:
+                images, partners, lam = mix_batch(images, labels, mixup)
+                logits = model(images)
+                loss = lam * criterion(logits, labels) + (1 - lam) * criterion(logits, partners)
+            else:
+                loss = criterion(model(images), labels)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()

@@ -12,9 +12,9 @@ from torch import nn
 
 from covidtl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from covidtl.classes import POSITIVE
-from covidtl.config import BALANCE, TrainConfig, config_from_dict, load_recipe
+from covidtl.config import BALANCE, KEEP_EPOCH, TrainConfig, config_from_dict, load_recipe
 from covidtl.data import balanced_sampler_weights
-from covidtl.engine import EpochSampler, predict_scores, train_one_epoch
+from covidtl.engine import EpochSampler, mix_batch, predict_scores, train_one_epoch
 from covidtl.labels import Record, parse_label_file, split_paths
 from covidtl.loaders import eval_loader, train_loader
 from covidtl.models import MODES, create_model, get_spec, list_models
@@ -108,6 +108,75 @@ def test_train_one_epoch_returns_a_finite_loss(tiny_covidx, balance, seeded):
     assert result["train_loss"] > 0
     assert model.training
     assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+def test_mix_batch_blends_each_image_with_its_partner_and_returns_the_partner_labels():
+    torch.manual_seed(0)
+    images = torch.arange(5, dtype=torch.float32).view(5, 1, 1, 1).expand(5, 3, 2, 2).clone()
+    labels = torch.tensor([0, 1, 0, 1, 1])
+    mixed, partners, lam = mix_batch(images, labels, 0.4)
+    assert 0 <= lam <= 1 and mixed.shape == images.shape
+    # each mixed image is lam * its own + (1 - lam) * one other image, whose label is returned
+    own = images[:, 0, 0, 0]
+    partner_value = (mixed[:, 0, 0, 0] - lam * own) / (1 - lam)
+    partner_index = partner_value.round().long()
+    assert sorted(partner_index.tolist()) == list(range(5))  # a permutation of the batch
+    assert torch.equal(partners, labels[partner_index])
+    with pytest.raises(ValueError, match="positive"):
+        mix_batch(images, labels, 0.0)
+
+
+class _Recorder(nn.Module):
+    """A linear classifier that keeps every batch it is shown."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x):
+        self.seen.append(x.detach().clone())
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("mixup", [0.0, 0.4])
+def test_train_one_epoch_mixes_batches_only_with_mixup(tiny_covidx, mixup):
+    records, image_dir = _split(tiny_covidx, "train")
+    config = _config(balance="none", hflip=False, rotation=0.0, color_jitter=0.0)
+    spec = get_spec(config.backbone)
+    loader, sampler = train_loader(records, image_dir, config, SIZE, spec.mean, spec.std)
+    sampler.set_epoch(0)
+    torch.manual_seed(1)
+    shown = torch.cat([images for images, _ in loader])
+    model = _Recorder()
+    torch.manual_seed(1)
+    result = train_one_epoch(model, loader, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(), CPU,
+                             mixup=mixup)
+    assert math.isfinite(result["train_loss"])
+    seen = torch.cat(model.seen)
+    assert torch.equal(seen, shown) == (mixup == 0)
+
+
+def test_a_mixed_batch_is_scored_against_both_labels_in_proportion(tiny_covidx, monkeypatch):
+    """loss = lam * CE(own labels) + (1 - lam) * CE(partner labels), measured with a fixed
+    blend (lam 0.25, every partner of the other class) and a learning rate of 0."""
+    from covidtl import engine
+
+    records, image_dir = _split(tiny_covidx, "train")
+    config = _config(balance="none", hflip=False, rotation=0.0, color_jitter=0.0, batch_size=len(records))
+    spec = get_spec(config.backbone)
+    loader, sampler = train_loader(records, image_dir, config, SIZE, spec.mean, spec.std)
+    sampler.set_epoch(0)
+    monkeypatch.setattr(engine, "mix_batch", lambda images, labels, alpha: (images, 1 - labels, 0.25))
+    model = _Recorder()
+    result = train_one_epoch(model, loader, torch.optim.SGD(model.parameters(), lr=0.0), nn.CrossEntropyLoss(), CPU,
+                             mixup=0.4)
+    images, labels = next(iter(loader))
+    with torch.no_grad():
+        logits = model(images)
+    expected = 0.25 * nn.functional.cross_entropy(logits, labels) + 0.75 * nn.functional.cross_entropy(logits, 1 - labels)
+    assert result["train_loss"] == pytest.approx(float(expected), rel=1e-5)
+    assert result["train_loss"] != pytest.approx(float(nn.functional.cross_entropy(logits, labels)), rel=1e-3)
 
 
 def test_predict_scores_in_loader_order(tiny_covidx, seeded):
@@ -234,7 +303,8 @@ def test_unknown_override_key_is_rejected(tmp_path):
 
 @pytest.mark.parametrize(
     "field, value, choices",
-    [("mode", "partial", MODES), ("backbone", "resnet19", None), ("balance", "oversample", BALANCE)],
+    [("mode", "partial", MODES), ("backbone", "resnet19", None), ("balance", "oversample", BALANCE),
+     ("keep_epoch", "best", KEEP_EPOCH)],
 )
 def test_bad_choices_are_rejected_with_the_choices(field, value, choices):
     with pytest.raises(ValueError, match=f"unknown {field} {value!r}") as err:
@@ -247,6 +317,18 @@ def test_bad_choices_are_rejected_with_the_choices(field, value, choices):
 def test_mean_without_std_is_rejected(given):
     with pytest.raises(ValueError, match="both mean and std"):
         config_from_dict({"name": "r", "backbone": "resnet18", given: [0.5, 0.5, 0.5]})
+
+
+@pytest.mark.parametrize("field, value, message", [("mixup", -0.2, "mixup is the Beta"),
+                                                   ("input_size", 16, "input_size must be 32 px")])
+def test_out_of_range_mixup_and_input_size_are_rejected(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        config_from_dict({"name": "r", "backbone": "resnet18", field: value})
+
+
+def test_image_size_is_the_recipe_input_size_else_the_backbone_one():
+    assert config_from_dict({"name": "r", "backbone": "resnet18"}).image_size() == get_spec("resnet18").input_size
+    assert config_from_dict({"name": "r", "backbone": "resnet18", "input_size": 320}).image_size() == 320
 
 
 def test_mean_and_std_become_tuples(tmp_path):

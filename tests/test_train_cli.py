@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import train.run as train_run
+from covidtl.cards import card_markdown
 from covidtl.export import load_model
 from covidtl.inference import Predictor, load_upload
 from covidtl.metrics import choose_threshold
@@ -100,6 +101,55 @@ def test_an_equalizing_recipe_is_followed_by_the_card_evaluate_and_the_predictor
     served = [predictor.predict(load_upload(tiny_covidx / "test" / r["filename"])).p_positive
               for r in card["metrics"]["test"]["scores"]]
     assert served == pytest.approx(trained, abs=1e-5)
+
+
+def test_a_recipe_input_size_is_trained_on_recorded_and_served(tiny_covidx, tmp_path):
+    """input_size = 48 (the backbone's is 224): training's evaluation, the card and the app's
+    Predictor all use it, so the Predictor reproduces the card's test scores."""
+    assert train_main(cli_args(write_recipe(tmp_path, epochs=1, input_size=48), tiny_covidx, tmp_path)) == 0
+    card = json.loads((tmp_path / "weights" / "tiny.json").read_text())
+    assert card["input_size"] == 48 and card["config"]["input_size"] == 48
+    predictor = Predictor.from_file(tmp_path / "weights" / "tiny.safetensors")
+    assert predictor.input_size == 48
+    trained = [r["p_positive"] for r in card["metrics"]["test"]["scores"]]
+    served = [predictor.predict(load_upload(tiny_covidx / "test" / r["filename"])).p_positive
+              for r in card["metrics"]["test"]["scores"]]
+    assert served == pytest.approx(trained, abs=1e-5)
+
+
+def test_a_mixup_recipe_mixes_every_training_batch(tiny_covidx, tmp_path, monkeypatch):
+    from covidtl import engine
+
+    calls = []
+    real = engine.mix_batch
+    monkeypatch.setattr(engine, "mix_batch", lambda *a: calls.append(a[2]) or real(*a))
+    assert train_main(cli_args(write_recipe(tmp_path, epochs=1, mixup=0.4), tiny_covidx, tmp_path)) == 0
+    assert calls and set(calls) == {0.4}
+    assert json.loads((tmp_path / "weights" / "tiny.json").read_text())["config"]["mixup"] == 0.4
+
+
+@pytest.mark.parametrize("keep_epoch, epochs_run, kept", [("val_auc", 2, 1), ("last", 4, 4)])
+def test_keep_epoch_last_runs_the_whole_schedule_and_ships_its_last_weights(tiny_covidx, tmp_path, monkeypatch,
+                                                                              keep_epoch, epochs_run, kept):
+    """Validation AUC falls every epoch (patched): "val_auc" keeps epoch 1 and stops early,
+    "last" runs all 4 epochs and exports the last epoch's weights; the card says which."""
+    real, calls = train_run.metrics.binary_metrics, []
+
+    def falling_auc(labels, scores, threshold):
+        calls.append(1)
+        return real(labels, scores, threshold) | {"auc": 1.0 / len(calls)}
+
+    monkeypatch.setattr(train_run.metrics, "binary_metrics", falling_auc)
+    recipe = write_recipe(tmp_path, epochs=4, early_stopping_patience=1, keep_epoch=keep_epoch)
+    assert train_main(cli_args(recipe, tiny_covidx, tmp_path)) == 0
+    card = json.loads((tmp_path / "weights" / "tiny.json").read_text())
+    assert len(json.loads((tmp_path / "runs/tiny/history.json").read_text())) == epochs_run
+    assert card["best_epoch"] == kept
+    shipped = load_file(tmp_path / "weights" / "tiny.safetensors")
+    last = {k.removeprefix("model."): v for k, v in load_file(tmp_path / "runs/tiny/last.safetensors").items()
+            if k.startswith("model.")}
+    assert all(torch.equal(shipped[k].float(), last[k].float()) for k in shipped) == (keep_epoch == "last")
+    assert ("(the last)" in card_markdown(card)) == (keep_epoch == "last")
 
 
 def test_train_sources_limit_training_and_selection_but_test_is_scored_whole(tiny_covidx, tmp_path, capsys):

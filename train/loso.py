@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def _scoring_loader(records, image_dir, split, caches, config, spec, mean, std):
     """The evaluation loader of `records` (of `split`), framed as the recipe trains."""
-    return eval_loader(records, image_dir, spec.input_size, mean, std, config.crop_fraction,
+    return eval_loader(records, image_dir, config.image_size(), mean, std, config.crop_fraction,
                        batch_size=config.batch_size * 2, num_workers=config.num_workers, cache=caches.get(split),
                        equalize=config.equalize)
 
@@ -101,7 +101,7 @@ def run_fold(source: str, config, splits, caches, runs_dir: Path, device: torch.
     if len({r.label for r in kept}) < 2 or len({r.label for r in val_kept}) < 2:
         raise ValueError(f"without {source!r} the train or validation split lacks a class; this fold cannot be trained")
     model = create_model(config.backbone, pretrained=config.pretrained, mode=config.mode).to(device)
-    loader, sampler = train_loader(kept, train_dir, config, spec.input_size, mean, std, cache=caches.get("train"))
+    loader, sampler = train_loader(kept, train_dir, config, config.image_size(), mean, std, cache=caches.get("train"))
     val_loader = _scoring_loader(val_kept, val_dir, "val", caches, config, spec, mean, std)
     run_dir = runs_dir / source
     history, best_epoch = fit(model, loader, sampler, val_loader, make_criterion(config, kept, device), config,
@@ -138,11 +138,10 @@ def run(args: argparse.Namespace) -> dict:
     config = load_recipe(args.recipe, {"epochs": args.epochs, "num_workers": args.num_workers, "n_boot": args.n_boot,
                                        "seed": args.seed})
     device = torch.device(args.device)
-    spec = get_spec(config.backbone)
     create_model(config.backbone, pretrained=config.pretrained, mode=config.mode)  # fail fast, before data work
     lung_weights = lung_weights_for(config, args)
     splits = load_splits(args.data, "error", "error", scan=config.cache == "none")
-    splits, caches = prepare_caches(config, args.data, splits, spec.input_size, args.cache_dir, "error", args.progress,
+    splits, caches = prepare_caches(config, args.data, splits, config.image_size(), args.cache_dir, "error", args.progress,
                                     lung_weights=lung_weights)
     sources = sorted({r.source for records, _ in splits.values() for r in records})
     chosen = args.sources or sources

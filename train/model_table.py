@@ -216,9 +216,10 @@ def render(weights_dir: Path) -> str:
     loso = read_loso(weights_dir)
     if loso:
         lines += ["", "## Leave-one-source-out", "",
-                  "Each fold trains the recipe without one source (model selection, temperature and threshold on the",
-                  "validation split without it) and scores every image of that source from all splits: the estimate of",
-                  "performance at a hospital never seen. A source of one class has no AUC and only that class's rate.",
+                  "Each fold trains the recipe without one source (the epoch, if the recipe chooses one, temperature",
+                  "and threshold on the validation split without it) and scores every image of that source from all",
+                  "splits: the estimate of performance at a hospital never seen. A source of one class has no AUC",
+                  "and only that class's rate.",
                   "Commands: " + "; ".join(f"`{r['command']}`" for r in loso)]
         unshipped = [r["recipe"] for r in loso if r["recipe"] not in {card["name"] for card in cards}]
         if unshipped:
@@ -228,15 +229,18 @@ def render(weights_dir: Path) -> str:
     ablation = read_loso(Path(weights_dir) / "ablation")
     reference = next((r for r in loso if r["recipe"] == INGREDIENT_REFERENCE), None)
     if reference and ablation:
+        shipped = [r for r in loso if r["recipe"] != INGREDIENT_REFERENCE]
         lines += ["", "## Ingredient comparison", "",
                   "What makes a model hold up at a new site, decided by leave-one-source-out validation: each recipe",
-                  f"in `train/recipes/ablation/` is the reference recipe (`{INGREDIENT_REFERENCE}`, above) with the",
-                  "change named, run through the same folds and epochs (`weights/ablation/*.loso.json`, each with",
-                  "its command). AUC is threshold-free; sensitivity and specificity are at the fold's own threshold,",
-                  "chosen on validation without the held-out source. Decided by the cohen held-out AUC (the one",
-                  "held-out source with many of both classes), then the nih held-out specificity (adult negatives",
-                  "from a site never seen); fig1 has 5 negatives, kermany is children.", ""]
-        lines += ingredient_rows(reference, ablation, Path(weights_dir).resolve().parent)
+                  "in `train/recipes/ablation/`, and each shipped one above, is the reference recipe",
+                  f"(`{INGREDIENT_REFERENCE}`, above) with the change named, run through the same folds",
+                  "(`weights/ablation/*.loso.json` and `weights/*.loso.json`, each with its command; 2 epochs",
+                  "unless the change names another number). AUC is threshold-free; sensitivity and specificity are",
+                  "at the fold's own threshold, chosen on validation without the held-out source. Decided by the",
+                  "cohen held-out AUC (the one held-out source with many of both classes), then the nih held-out",
+                  "specificity (adult negatives from a site never seen); fig1 has 5 negatives, kermany is children.",
+                  ""]
+        lines += ingredient_rows(reference, shipped + ablation, Path(weights_dir).resolve().parent)
     lines += lung_model_rows(weights_dir)
     lines += ["", "## How each model was made", ""]
     for card in cards:

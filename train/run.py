@@ -330,7 +330,9 @@ def fit(model: nn.Module, loader, sampler, val_loader, criterion: nn.Module, con
         use_amp: bool = False, channels_last: bool = False) -> tuple[list[dict], int]:
     """The epoch loop: Adam, ReduceLROnPlateau on validation AUC, early stopping after
     `config.early_stopping_patience` epochs without a gain. Keeps the best epoch's weights in
-    `run_dir/best.safetensors` and a resumable checkpoint in `run_dir/last` (main process).
+    `run_dir/best.safetensors` (with `keep_epoch = "last"`, every epoch counts as the best, so
+    the last is kept and nothing stops early) and a resumable checkpoint in `run_dir/last`
+    (main process).
     Returns (history: one dict per epoch, best epoch, 1-based); the model ends with the last
     epoch's weights. Used by `python -m train` and by `python -m train.loso`."""
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.lr,
@@ -363,14 +365,15 @@ def fit(model: nn.Module, loader, sampler, val_loader, criterion: nn.Module, con
         started = time.perf_counter()
         bar = lambda it: tqdm(it, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, disable=not show)  # noqa: E731
         row = {"epoch": epoch + 1}
-        row |= train_one_epoch(model, loader, optimizer, criterion, device, scaler, channels_last, progress=bar)
+        row |= train_one_epoch(model, loader, optimizer, criterion, device, scaler, channels_last, progress=bar,
+                               mixup=config.mixup)
         scores, labels, val_loss = predict_scores(model, val_loader, device, criterion, use_amp, channels_last)
         val = metrics.binary_metrics(labels, scores, threshold=0.5)
         scheduler.step(val["auc"])
         row |= {"val_loss": val_loss} | {f"val_{k}": v for k, v in val.items()}
         row |= {"lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started}
         history.append(row)
-        improved = val["auc"] > best_auc
+        improved = val["auc"] > best_auc or config.keep_epoch == "last"
         if improved:
             best_auc, best_epoch, stale = val["auc"], epoch + 1, 0
         else:
@@ -407,7 +410,6 @@ def run(args: argparse.Namespace) -> int:
     main_process = rank == 0
     show = args.progress and main_process
     seed_everything(config.seed)
-    spec = get_spec(config.backbone)
     on_cuda = device.type == "cuda"
 
     # Model first: a missing pretrained file is reported in seconds, before any data work.
@@ -419,7 +421,7 @@ def run(args: argparse.Namespace) -> int:
     root = resolve_dataset_root(args.data, handle=args.kaggle_handle, version=args.kaggle_version)
     splits = load_splits(root, args.on_missing, args.on_corrupt, scan=config.cache == "none")
     lung_weights = lung_weights_for(config, args)
-    splits, caches = prepare_caches(config, root, splits, spec.input_size, args.cache_dir, args.on_corrupt, show,
+    splits, caches = prepare_caches(config, root, splits, config.image_size(), args.cache_dir, args.on_corrupt, show,
                                     lung_weights)
     for split in ("train", "val"):  # train and select on the recipe's sources; test is scored whole
         splits[split] = (keep_sources(splits[split][0], config.train_sources, split), splits[split][1])
@@ -427,15 +429,15 @@ def run(args: argparse.Namespace) -> int:
     val_labels = np.array([r.label for r in val_records])
     if len(set(val_labels.tolist())) < 2:
         raise ValueError("the validation split needs both positive and negative images to select a model")
-    mean, std, norm_source = normalization(config, args, splits["train"], spec.input_size, show, caches.get("train"))
+    mean, std, norm_source = normalization(config, args, splits["train"], config.image_size(), show, caches.get("train"))
     log.info("data %s: %s; mean %s std %s (%s)", root,
              ", ".join(f"{s} {len(r)}" for s, (r, _) in splits.items()),
              [round(m, 4) for m in mean], [round(s, 4) for s in std], norm_source)
 
-    loader, sampler = train_loader(train_records, train_dir, config, spec.input_size, mean, std, rank, world_size,
+    loader, sampler = train_loader(train_records, train_dir, config, config.image_size(), mean, std, rank, world_size,
                                    cache=caches.get("train"))
     loaders = {  # val and test: scored in record order (train is scored by training itself)
-        split: eval_loader(records, image_dir, spec.input_size, mean, std, config.crop_fraction,
+        split: eval_loader(records, image_dir, config.image_size(), mean, std, config.crop_fraction,
                            batch_size=config.batch_size * 2, num_workers=config.num_workers, cache=caches.get(split),
                            equalize=config.equalize)
         for split, (records, image_dir) in splits.items() if split != "train"
@@ -516,7 +518,7 @@ def evaluate_and_export(model, config, args, root, splits, loaders, mean, std, n
     plot_files["history"] = Path(history_png).name
 
     bar = lambda it: tqdm(it, desc="Grad-CAM audit", leave=False, disable=not args.progress)  # noqa: E731
-    lung_masks = audit_lung_masks(config, args, splits[eval_split], spec.input_size, lung_weights)
+    lung_masks = audit_lung_masks(config, args, splits[eval_split], config.image_size(), lung_weights)
     audit = cam_audit(unwrap(model), spec.cam_layer, loaders[eval_split], scores[eval_split][2], device=device,
                       progress=bar, lung_masks=lung_masks)
     train_records = splits["train"][0]
@@ -525,7 +527,7 @@ def evaluate_and_export(model, config, args, root, splits, loaders, mean, std, n
     card = {
         "name": config.name,
         "architecture": config.backbone,
-        "input_size": spec.input_size,
+        "input_size": config.image_size(),
         "crop_fraction": config.crop_fraction,
         "equalize": config.equalize,
         "mean": list(mean),
