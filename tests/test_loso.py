@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import train.run as train_run
 from train import loso, model_table
 from train.run import fit as run_fit
 
@@ -82,8 +83,9 @@ def _recipe(path, extra: str = ""):
     return path
 
 
-def test_folds_follow_the_recipes_train_sources_lung_crop_equalize_and_seed(tiny_covidx, tmp_path, monkeypatch):
-    seen, seeds, lung_weights, equalized = [], [], [], []
+def test_folds_follow_the_recipes_train_sources_lung_crop_equalize_input_size_and_seed(tiny_covidx, tmp_path,
+                                                                                      monkeypatch):
+    seen, seeds, lung_weights, equalized, sizes = [], [], [], [], []
 
     def spy_fit(model, loader, sampler, val_loader, criterion, config, *args, **kwargs):
         seen.append({r.source for r in loader.dataset.records})
@@ -92,14 +94,15 @@ def test_folds_follow_the_recipes_train_sources_lung_crop_equalize_and_seed(tiny
 
     def spy_eval_loader(*args, **kwargs):
         equalized.append(kwargs.get("equalize"))
+        sizes.append(args[2])
         return real_eval_loader(*args, **kwargs)
 
     def spy_caches(*args, **kwargs):
         lung_weights.append(kwargs.get("lung_weights"))
         return real_caches(*args, **{**kwargs, "lung_weights": None})  # the crop itself: tests/test_lung_crop.py
 
-    real_caches, real_eval_loader = loso.prepare_caches, loso.eval_loader
-    monkeypatch.setattr(loso, "eval_loader", spy_eval_loader)
+    real_caches, real_eval_loader = loso.prepare_caches, train_run.eval_loader
+    monkeypatch.setattr(train_run, "eval_loader", spy_eval_loader)  # under train.run.scoring_loader
     monkeypatch.setattr(loso, "fit", spy_fit)
     monkeypatch.setattr(loso, "prepare_caches", spy_caches)
     monkeypatch.setattr(loso, "lung_weights_for", lambda config, args: tmp_path / "lungs.safetensors"
@@ -110,7 +113,8 @@ def test_folds_follow_the_recipes_train_sources_lung_crop_equalize_and_seed(tiny
         lines = (data / f"{split}.txt").read_text().splitlines()
         lines = [line.replace(" srcA", " srcC") if i in (4, 5) else line for i, line in enumerate(lines)]
         (data / f"{split}.txt").write_text("\n".join(lines) + "\n")
-    recipe = _recipe(tmp_path / "recipe.toml", 'crop = "lungs"\ntrain_sources = ["srcA"]\nequalize = true\n')
+    recipe = _recipe(tmp_path / "recipe.toml",
+                     'crop = "lungs"\ntrain_sources = ["srcA"]\nequalize = true\ninput_size = 48\n')
     out = tmp_path / "tiny.loso.json"
     assert loso.main(["--recipe", str(recipe), "--data", str(data), "--epochs", "1", "--n-boot", "20",
                       "--sources", "srcB", "--seed", "5", "--out", str(out), "--runs-dir", str(tmp_path / "runs"),
@@ -118,6 +122,7 @@ def test_folds_follow_the_recipes_train_sources_lung_crop_equalize_and_seed(tiny
     assert lung_weights == [tmp_path / "lungs.safetensors"]
     assert seen == [{"srcA"}]  # not srcC: the recipe trains on srcA only
     assert equalized and all(equalized)  # validation and the held-out films are scored as trained
+    assert set(sizes) == {48}  # at the recipe's input size, not the backbone's 224
     assert seeds == [5] and json.loads(out.read_text())["seed"] == 5  # --seed, not the recipe's 1
     fold = json.loads(out.read_text())["folds"][0]
     assert fold["held_out"] == "srcB" and fold["n"] == 10 and fold["train_images"] == 4

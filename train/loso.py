@@ -31,7 +31,7 @@ from covidtl.config import load_recipe, replace
 from covidtl.engine import predict_logits
 from covidtl.export import atomic_write_json
 from covidtl.labels import LabelFileError
-from covidtl.loaders import eval_loader, train_loader
+from covidtl.loaders import train_loader
 from covidtl.locate import DatasetUnavailableError
 from covidtl.models import PretrainedWeightsUnavailable, create_model, get_spec
 from covidtl.scan import CorruptImagesError, MissingImagesError
@@ -42,6 +42,7 @@ from train.run import (
     lung_weights_for,
     make_criterion,
     prepare_caches,
+    scoring_loader,
     seed_everything,
     shipped_command,
 )
@@ -68,20 +69,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _scoring_loader(records, image_dir, split, caches, config, spec, mean, std):
-    """The evaluation loader of `records` (of `split`), framed as the recipe trains."""
-    return eval_loader(records, image_dir, config.image_size(), mean, std, config.crop_fraction,
-                       batch_size=config.batch_size * 2, num_workers=config.num_workers, cache=caches.get(split),
-                       equalize=config.equalize)
-
-
-def _fold_logits(model, pieces, caches, config, spec, mean, std, device) -> tuple[np.ndarray, np.ndarray]:
+def _fold_logits(model, pieces, caches, config, mean, std, device) -> tuple[np.ndarray, np.ndarray]:
     """Logits and labels of `pieces`: [(split, records, image_dir)], concatenated."""
     all_logits, all_labels = [], []
     for split, records, image_dir in pieces:
         if not records:
             continue
-        loader = _scoring_loader(records, image_dir, split, caches, config, spec, mean, std)
+        loader = scoring_loader(records, image_dir, split, caches, config, mean, std)
         z, y, _ = predict_logits(model, loader, device)
         all_logits.append(z)
         all_labels.append(y)
@@ -102,19 +96,19 @@ def run_fold(source: str, config, splits, caches, runs_dir: Path, device: torch.
         raise ValueError(f"without {source!r} the train or validation split lacks a class; this fold cannot be trained")
     model = create_model(config.backbone, pretrained=config.pretrained, mode=config.mode).to(device)
     loader, sampler = train_loader(kept, train_dir, config, config.image_size(), mean, std, cache=caches.get("train"))
-    val_loader = _scoring_loader(val_kept, val_dir, "val", caches, config, spec, mean, std)
+    val_loader = scoring_loader(val_kept, val_dir, "val", caches, config, mean, std)
     run_dir = runs_dir / source
     history, best_epoch = fit(model, loader, sampler, val_loader, make_criterion(config, kept, device), config,
                               device, run_dir, show=show)
     model.load_state_dict(load_file(run_dir / "best.safetensors", device=str(device)))
 
-    val_logits, val_labels = _fold_logits(model, [("val", val_kept, val_dir)], caches, config, spec, mean, std, device)
+    val_logits, val_labels = _fold_logits(model, [("val", val_kept, val_dir)], caches, config, mean, std, device)
     temperature = calibration.fit_temperature(val_logits, val_labels)
     threshold = metrics.choose_threshold(val_labels, calibration.positive_scores(val_logits, temperature),
                                          min_sensitivity=config.min_sensitivity)
     held_out = [(split, [r for r in records if r.source == source], image_dir)
                 for split, (records, image_dir) in splits.items()]
-    logits, labels = _fold_logits(model, held_out, caches, config, spec, mean, std, device)
+    logits, labels = _fold_logits(model, held_out, caches, config, mean, std, device)
     scores = calibration.positive_scores(logits, temperature)
     report = metrics.evaluate_scores(labels, scores, [source] * len(labels), threshold, n_boot=config.n_boot,
                                      seed=config.seed)

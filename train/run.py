@@ -201,6 +201,15 @@ def prepare_caches(config: TrainConfig, root: Path, splits, input_size: int, cac
     return splits, caches
 
 
+def scoring_loader(records, image_dir: Path, split: str, caches: dict, config: TrainConfig, mean, std):
+    """The evaluation loader of `records` (of `split`; from its cache in `caches`, if any), in
+    record order and framed as the recipe trains: the validation and test loaders of
+    `python -m train`, and every loader `python -m train.loso` scores with."""
+    return eval_loader(records, image_dir, config.image_size(), mean, std, config.crop_fraction,
+                       batch_size=config.batch_size * 2, num_workers=config.num_workers, cache=caches.get(split),
+                       equalize=config.equalize)
+
+
 def lung_weights_for(config: TrainConfig, args: argparse.Namespace) -> Path | None:
     """The lung model file of a crop = "lungs" run (None otherwise); checked before any data work."""
     if config.crop != "lungs":
@@ -437,9 +446,7 @@ def run(args: argparse.Namespace) -> int:
     loader, sampler = train_loader(train_records, train_dir, config, config.image_size(), mean, std, rank, world_size,
                                    cache=caches.get("train"))
     loaders = {  # val and test: scored in record order (train is scored by training itself)
-        split: eval_loader(records, image_dir, config.image_size(), mean, std, config.crop_fraction,
-                           batch_size=config.batch_size * 2, num_workers=config.num_workers, cache=caches.get(split),
-                           equalize=config.equalize)
+        split: scoring_loader(records, image_dir, split, caches, config, mean, std)
         for split, (records, image_dir) in splits.items() if split != "train"
     }
 
