@@ -17,7 +17,8 @@ the weights folder's cards, and no file served beyond gradio's own cache.
 
 Layout of this file: pure handler functions (they call covidtl and raise gr.Error for
 anything the user can fix), then `build_demo` with the gr.Blocks layout, the
-module-level `demo`, and the launch in `__main__`.
+module-level `demo` (built on first use: importing app.py loads no model), and the launch
+in `__main__`.
 """
 
 from __future__ import annotations
@@ -687,7 +688,15 @@ def launch_options(host: str = "127.0.0.1", port: int | None = None, share: bool
     }
 
 
-demo = build_demo(env_weights_dir(), env_examples_dir(), queue_size=env_queue_size())
+def __getattr__(name: str) -> Any:
+    """`app.demo`, the app as the environment configures it, for `gradio app.py` (reload mode) and
+    anything else that looks for a module-level `demo`. It is built on first use, so importing
+    this module loads no model."""
+    if name == "demo":
+        global demo
+        demo = build_demo(env_weights_dir(), env_examples_dir(), queue_size=env_queue_size())
+        return demo
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -695,10 +704,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("covidtl").setLevel(logging.INFO)
     args = parse_args(argv)
-    served = demo
-    chosen = (args.weights_dir, args.examples_dir, args.queue_size)
-    if chosen != (env_weights_dir(), env_examples_dir(), env_queue_size()):
-        served = build_demo(args.weights_dir, args.examples_dir, queue_size=args.queue_size)
+    served = build_demo(args.weights_dir, args.examples_dir, queue_size=args.queue_size)
     served.launch(**launch_options(args.host, args.port, args.share))
 
 

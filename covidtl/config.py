@@ -22,6 +22,9 @@ CROP = ("none", "lungs")  # "lungs": cut each image to its lungs (covidtl.lungs.
 # Which epoch's weights a run keeps: "val_auc", the best by validation AUC (early stopping on
 # it); "last", the last epoch's (a fixed schedule, for validation sets too small to choose by).
 KEEP_EPOCH = ("val_auc", "last")
+# How the learning rate moves: "plateau", ReduceLROnPlateau on validation AUC; "cosine", from
+# `lr` down to 0 over `epochs` on a half cosine, one step per epoch (fixed: validation not used).
+LR_SCHEDULE = ("plateau", "cosine")
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,7 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 1e-4
     weight_decay: float = 1e-4
+    lr_schedule: str = "plateau"  # one of LR_SCHEDULE
     plateau_patience: int = 3
     plateau_factor: float = 0.1
     early_stopping_patience: int = 10
@@ -98,6 +102,8 @@ class TrainConfig:
             raise ValueError(f"unknown cache {self.cache!r}; choose from {list(CACHE)}")
         if self.keep_epoch not in KEEP_EPOCH:
             raise ValueError(f"unknown keep_epoch {self.keep_epoch!r}; choose from {list(KEEP_EPOCH)}")
+        if self.lr_schedule not in LR_SCHEDULE:
+            raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; choose from {list(LR_SCHEDULE)}")
         if self.crop not in CROP:
             raise ValueError(f"unknown crop {self.crop!r}; choose from {list(CROP)}")
         if self.crop == "lungs" and self.cache == "none":

@@ -170,6 +170,11 @@ MUTATIONS = [
              "mean = float(np.mean([pred.p_positive for pred in predictions]))",
              "mean = float(np.max([pred.p_positive for pred in predictions]))",
              ("tests/test_app.py::test_agreement_sentences",)),
+    Mutation("app builds its demo at import", "app.py",
+             "def main(argv: list[str] | None = None) -> None:",
+             "demo = build_demo(env_weights_dir(), env_examples_dir(), queue_size=env_queue_size())\n\n\n"
+             "def main(argv: list[str] | None = None) -> None:",
+             ("tests/test_app.py::test_import_builds_nothing",)),
     # ---- calibration, the one decision, the input check, lungs
     Mutation("Predictor ignores the card's temperature", "covidtl/inference.py",
              "probs = torch.softmax(logits.float() / self.temperature, dim=1)[0].tolist()",
@@ -255,6 +260,9 @@ MUTATIONS = [
              "return self.input_size if self.input_size is not None else get_spec(self.backbone).input_size",
              "return get_spec(self.backbone).input_size",
              ("tests/test_train_cli.py::test_a_recipe_input_size_is_trained_on_recorded_and_served",)),
+    Mutation("a cosine recipe steps ReduceLROnPlateau", RUN,
+             'if config.lr_schedule == "cosine":', 'if False:  # lr_schedule ignored',
+             ("tests/test_train_cli.py::test_a_cosine_schedule_follows_the_epoch_budget_not_validation",)),
     Mutation("keep_epoch last keeps the best validation epoch", RUN,
              'improved = val["auc"] > best_auc or config.keep_epoch == "last"',
              'improved = val["auc"] > best_auc',

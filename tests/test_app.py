@@ -269,6 +269,24 @@ def test_module_level_demo_and_no_telemetry():
     assert app.demo.analytics_enabled is False
 
 
+def test_import_builds_nothing():
+    """STYLE 7: importing app.py opens no weights file and builds no demo; `app.demo` is built
+    on first use (and then does open the shipped weights: the check can see it)."""
+    code = textwrap.dedent(
+        """
+        import sys
+        opened = []
+        sys.addaudithook(lambda event, args: opened.append(str(args[0])) if event == "open" else None)
+        import app
+        weights = lambda: [p for p in opened if p.endswith(".safetensors")]
+        assert "demo" not in vars(app) and weights() == [], weights()
+        app.demo
+        assert weights(), "building the demo opened no weights: the check above sees nothing"
+        """
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=300)
+
+
 # --------------------------------------------------------------------------- launched app
 
 

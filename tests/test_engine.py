@@ -12,7 +12,7 @@ from torch import nn
 
 from covidtl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from covidtl.classes import POSITIVE
-from covidtl.config import BALANCE, KEEP_EPOCH, TrainConfig, config_from_dict, load_recipe
+from covidtl.config import BALANCE, KEEP_EPOCH, LR_SCHEDULE, TrainConfig, config_from_dict, load_recipe
 from covidtl.data import balanced_sampler_weights
 from covidtl.engine import EpochSampler, mix_batch, predict_scores, train_one_epoch
 from covidtl.labels import Record, parse_label_file, split_paths
@@ -304,7 +304,7 @@ def test_unknown_override_key_is_rejected(tmp_path):
 @pytest.mark.parametrize(
     "field, value, choices",
     [("mode", "partial", MODES), ("backbone", "resnet19", None), ("balance", "oversample", BALANCE),
-     ("keep_epoch", "best", KEEP_EPOCH)],
+     ("keep_epoch", "best", KEEP_EPOCH), ("lr_schedule", "onecycle", LR_SCHEDULE)],
 )
 def test_bad_choices_are_rejected_with_the_choices(field, value, choices):
     with pytest.raises(ValueError, match=f"unknown {field} {value!r}") as err:

@@ -152,6 +152,26 @@ def test_keep_epoch_last_runs_the_whole_schedule_and_ships_its_last_weights(tiny
     assert ("(the last)" in card_markdown(card)) == (keep_epoch == "last")
 
 
+@pytest.mark.parametrize("schedule", ["plateau", "cosine"])
+def test_a_cosine_schedule_follows_the_epoch_budget_not_validation(tiny_covidx, tmp_path, monkeypatch, schedule):
+    """Validation AUC falls every epoch (patched): "plateau" (patience 0) cuts the rate tenfold
+    after each epoch without a gain; "cosine" goes down the half cosine of its 3-epoch budget
+    whatever validation says. Each history row has the rate the next epoch trains at."""
+    real, calls = train_run.metrics.binary_metrics, []
+
+    def falling_auc(labels, scores, threshold):
+        calls.append(1)
+        return real(labels, scores, threshold) | {"auc": 1.0 / len(calls)}
+
+    monkeypatch.setattr(train_run.metrics, "binary_metrics", falling_auc)
+    recipe = write_recipe(tmp_path, epochs=3, lr=1e-3, lr_schedule=schedule, plateau_patience=0, keep_epoch="last")
+    assert train_main(cli_args(recipe, tiny_covidx, tmp_path)) == 0
+    rates = [row["lr"] for row in json.loads((tmp_path / "runs/tiny/history.json").read_text())]
+    expected = {"plateau": [1e-3, 1e-4, 1e-5], "cosine": [7.5e-4, 2.5e-4, 0.0]}[schedule]
+    assert rates == pytest.approx(expected, abs=1e-12)
+    assert json.loads((tmp_path / "weights" / "tiny.json").read_text())["config"]["lr_schedule"] == schedule
+
+
 def test_train_sources_limit_training_and_selection_but_test_is_scored_whole(tiny_covidx, tmp_path, capsys):
     assert train_main(cli_args(write_recipe(tmp_path, epochs=1, train_sources=["srcA"]), tiny_covidx, tmp_path)) == 0
     card = json.loads((tmp_path / "weights" / "tiny.json").read_text())
@@ -201,8 +221,9 @@ def test_errors_are_one_line_not_tracebacks(tmp_path, capsys):
     assert "lr_typo" in capsys.readouterr().err
 
 
-def test_resume_after_interruption_matches_uninterrupted_run(tiny_covidx, tmp_path, monkeypatch):
-    recipe = write_recipe(tmp_path, epochs=3)
+@pytest.mark.parametrize("schedule", ["plateau", "cosine"])
+def test_resume_after_interruption_matches_uninterrupted_run(tiny_covidx, tmp_path, monkeypatch, schedule):
+    recipe = write_recipe(tmp_path, epochs=3, lr_schedule=schedule)
     straight = tmp_path / "straight"
     assert train_main(cli_args(recipe, tiny_covidx, straight)) == 0
 
@@ -227,6 +248,8 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny_covidx, tmp_pa
 
     history = json.loads((broken / "runs/tiny/history.json").read_text())
     assert [row["epoch"] for row in history] == [1, 2, 3]
+    uninterrupted = json.loads((straight / "runs/tiny/history.json").read_text())
+    assert [row["lr"] for row in history] == [row["lr"] for row in uninterrupted]
     a = load_file(straight / "weights/tiny.safetensors")
     b = load_file(broken / "weights/tiny.safetensors")
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)

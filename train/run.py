@@ -334,10 +334,21 @@ def make_criterion(config: TrainConfig, train_records, device: torch.device) -> 
     return nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
 
 
+def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
+    """The recipe's `lr_schedule`: ReduceLROnPlateau on validation AUC ("plateau", stepped with
+    it), or a half cosine from `lr` towards 0 over `epochs` ("cosine", stepped once an epoch;
+    it reads the epoch budget when it steps, so a resume with more epochs stretches it)."""
+    if config.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda done: 0.5 * (1 + math.cos(math.pi * min(done, config.epochs) / config.epochs)))
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=config.plateau_factor,
+                                                      patience=config.plateau_patience)
+
+
 def fit(model: nn.Module, loader, sampler, val_loader, criterion: nn.Module, config: TrainConfig,
         device: torch.device, run_dir: Path, resume: bool = False, main_process: bool = True, show: bool = False,
         use_amp: bool = False, channels_last: bool = False) -> tuple[list[dict], int]:
-    """The epoch loop: Adam, ReduceLROnPlateau on validation AUC, early stopping after
+    """The epoch loop: Adam, the recipe's learning-rate schedule, early stopping after
     `config.early_stopping_patience` epochs without a gain. Keeps the best epoch's weights in
     `run_dir/best.safetensors` (with `keep_epoch = "last"`, every epoch counts as the best, so
     the last is kept and nothing stops early) and a resumable checkpoint in `run_dir/last`
@@ -346,8 +357,7 @@ def fit(model: nn.Module, loader, sampler, val_loader, criterion: nn.Module, con
     epoch's weights. Used by `python -m train` and by `python -m train.loso`."""
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.lr,
                                  weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=config.plateau_factor,
-                                                           patience=config.plateau_patience)
+    scheduler = make_scheduler(optimizer, config)
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
     if main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -378,7 +388,7 @@ def fit(model: nn.Module, loader, sampler, val_loader, criterion: nn.Module, con
                                mixup=config.mixup)
         scores, labels, val_loss = predict_scores(model, val_loader, device, criterion, use_amp, channels_last)
         val = metrics.binary_metrics(labels, scores, threshold=0.5)
-        scheduler.step(val["auc"])
+        scheduler.step(val["auc"]) if config.lr_schedule == "plateau" else scheduler.step()
         row |= {"val_loss": val_loss} | {f"val_{k}": v for k, v in val.items()}
         row |= {"lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started}
         history.append(row)
@@ -398,7 +408,7 @@ def fit(model: nn.Module, loader, sampler, val_loader, criterion: nn.Module, con
             })
         log.info("epoch %d/%d  train loss %.4f  val loss %.4f  val AUC %.4f  sens %.3f spec %.3f @0.5  %.0fs%s",
                  epoch + 1, config.epochs, row["train_loss"], val_loss, val["auc"], val["sensitivity"],
-                 val["specificity"], row["seconds"], "  *best" if improved else "")
+                 val["specificity"], row["seconds"], "  *best" if improved and config.keep_epoch == "val_auc" else "")
         if stale >= config.early_stopping_patience:
             log.info("early stopping: no val AUC gain in %d epochs", stale)
             break
