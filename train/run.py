@@ -388,7 +388,10 @@ def fit(model: nn.Module, loader, sampler, val_loader, criterion: nn.Module, con
                                mixup=config.mixup)
         scores, labels, val_loss = predict_scores(model, val_loader, device, criterion, use_amp, channels_last)
         val = metrics.binary_metrics(labels, scores, threshold=0.5)
-        scheduler.step(val["auc"]) if config.lr_schedule == "plateau" else scheduler.step()
+        if config.lr_schedule == "plateau":
+            scheduler.step(val["auc"])
+        else:
+            scheduler.step()
         row |= {"val_loss": val_loss} | {f"val_{k}": v for k, v in val.items()}
         row |= {"lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started}
         history.append(row)
