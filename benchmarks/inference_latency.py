@@ -5,7 +5,9 @@ For a 1024 x 1024 8-bit PNG and a 2500 x 3000 16-bit PNG (generated, X-ray-like)
 model, side by side in one run:
 
     decode   PIL reads the file (every pixel, no conversion)
-    forward  the model on a ready input tensor [1, 3, S, S] (inference mode)
+    forward  the model on a ready input tensor [1, 3, S, S] (inference mode); for a model
+             trained on lung crops, plus its lung model on a ready [1, 3, 192, 192] tensor
+             (both networks run on every upload)
     predict  load_upload(file, min_side=predictor.resize_side) + Predictor.predict: checks,
              reduced decode, 16-bit rescale, resize, crop, normalize, forward, softmax
     full     the same with load_upload(file) at full size (min_side=None), for comparison
@@ -19,8 +21,11 @@ from __future__ import annotations
 
 from functools import partial
 
+import torch
+
 from benchmarks import common
 from covidtl.inference import load_upload
+from covidtl.lungs import LUNG_INPUT_SIZE
 
 IMAGES = {  # name: (width, height, bits)
     "1024x1024 8-bit PNG": (1024, 1024, 8),
@@ -28,6 +33,22 @@ IMAGES = {  # name: (width, height, bits)
 }
 QUICK_IMAGES = {"256x256 8-bit PNG": (256, 256, 8), "300x360 16-bit PNG": (300, 360, 16)}
 LIMIT = 1.2
+
+
+def own_forward(predictor):
+    """The networks one upload runs, on ready tensors: the classifier, and its lung model first
+    when it was trained on lung crops."""
+    classify = common.bare_forward(predictor, common.ready_input(predictor))
+    if predictor.lungs is None:
+        return classify
+    lung_x = torch.randn(1, 3, LUNG_INPUT_SIZE, LUNG_INPUT_SIZE)
+
+    def both() -> object:
+        with torch.inference_mode():
+            predictor.lungs(lung_x)
+        return classify()
+
+    return both
 
 
 def main(argv: list[str] | None = None) -> float:
@@ -39,12 +60,11 @@ def main(argv: list[str] | None = None) -> float:
     for label, (width, height, bits) in (QUICK_IMAGES if args.quick else IMAGES).items():
         path = common.write_xray(scratch / f"{width}x{height}x{bits}.png", width, height, bits)
         for predictor in models:
-            x = common.ready_input(predictor)
             side = predictor.resize_side
             t = common.interleaved(
                 {
                     "decode": partial(common.decode, path),
-                    "forward": common.bare_forward(predictor, x),
+                    "forward": own_forward(predictor),
                     "predict": lambda p=predictor, path=path, side=side: p.predict(load_upload(path, min_side=side)),
                     "full": lambda p=predictor, path=path: p.predict(load_upload(path)),
                 },

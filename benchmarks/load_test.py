@@ -13,7 +13,8 @@ which is all a test of "no answers mixed between users" needs.
 
 Load mode: every (endpoint, image, model) is first asked once on its own; then N client
 threads, each with its own `gradio_client.Client`, send M requests each, one after the
-other, mixing /classify and /compare over a few synthetic images and the models. Every
+other, mixing /classify and /compare over a few images (the shipped example films at new
+sizes and formats with real models, drawn X-ray-like patterns with untrained ones) and the models. Every
 answer must equal the single-request answer: probabilities within 1e-6, decisions and
 texts exactly, heatmaps within one gray level. Prints errors, mismatches, p50/p95
 latency and the server's peak memory; exits 1 on any error or mismatch.
@@ -51,6 +52,7 @@ import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "assets" / "examples"  # real chest X-rays, shipped with their credits
 
 TOLERANCE = 1e-6  # probabilities
 HEATMAP_TOLERANCE = 1  # gray levels, per pixel
@@ -60,18 +62,26 @@ METHOD = "Grad-CAM"
 # --------------------------------------------------------------------------- fixtures
 
 
-def synthetic_images(folder: Path, count: int) -> list[Path]:
-    """`count` X-ray-like images of different sizes, formats and bit depths."""
+def synthetic_images(folder: Path, count: int, films: list[Path] | None = None) -> list[Path]:
+    """`count` X-ray-like images of different sizes, formats and bit depths. With `films`
+    (real chest X-rays), image i is film i (cycling) at a new size and format instead of a
+    drawn pattern: the shipped models' input check refuses the drawn ones, and a load test
+    should reach the models."""
     paths = []
     for i in range(count):
         size = 200 + 48 * i
-        rng = np.random.default_rng(100 + i)
-        yy, xx = np.mgrid[0:size, 0:size] / size
-        image = 150.0 + rng.normal(0.0, 15.0, (size, size))
-        for cx in (0.3, 0.7):
-            image -= 80.0 * (((xx - cx) / 0.15) ** 2 + ((yy - 0.5) / 0.3) ** 2 < 1)
-        image += (90.0 if i % 2 else 0.0) * (np.hypot(xx - 0.5 - 0.05 * i, yy - 0.5) < 0.12)
-        pixels = np.clip(image, 0, 255).astype(np.uint8)
+        if films:
+            with Image.open(films[i % len(films)]) as film:
+                pixels = np.asarray(film.convert("L").resize((2 * size, 2 * size)), dtype=np.uint8)
+            pixels = pixels if i < len(films) else np.ascontiguousarray(pixels[:, ::-1])  # another image
+        else:
+            rng = np.random.default_rng(100 + i)
+            yy, xx = np.mgrid[0:size, 0:size] / size
+            image = 150.0 + rng.normal(0.0, 15.0, (size, size))
+            for cx in (0.3, 0.7):
+                image -= 80.0 * (((xx - cx) / 0.15) ** 2 + ((yy - 0.5) / 0.3) ** 2 < 1)
+            image += (90.0 if i % 2 else 0.0) * (np.hypot(xx - 0.5 - 0.05 * i, yy - 0.5) < 0.12)
+            pixels = np.clip(image, 0, 255).astype(np.uint8)
         kind = i % 4
         if kind == 0:
             path = folder / f"xray{i}.png"
@@ -113,8 +123,15 @@ def synthetic_models(folder: Path) -> None:
         export_model(create_model(architecture, pretrained=False), card, folder)
 
 
+def model_names(folder: Path) -> list[str]:
+    """The classifiers the app serves from `folder` (card names; not the lung model)."""
+    from covidtl.export import list_exported, read_card
+
+    return [read_card(path.with_suffix(".json"))["name"] for path in list_exported(folder)]
+
+
 def has_models(folder: Path) -> bool:
-    return folder.is_dir() and any(p.with_suffix(".json").is_file() for p in folder.glob("*.safetensors"))
+    return bool(model_names(folder))
 
 
 def free_port() -> int:
@@ -227,7 +244,7 @@ def summarize(endpoint: str, result: tuple) -> dict[str, Any]:
         return {
             "probabilities": {c["label"]: c["confidence"] for c in label["confidences"]},
             "decision": decision,
-            "heatmap": heatmap_pixels(heatmap),
+            "heatmap": heatmap_pixels(heatmap) if heatmap else None,  # none for a refused image
         }
     table, gallery, ensemble = result
     return {
@@ -470,19 +487,17 @@ def main(argv: list[str] | None = None) -> int:
 
     server = None
     try:
-        images = synthetic_images(work_dir, args.images)
         weights_dir = args.weights_dir or REPO / "weights"
         if args.weights_dir and not has_models(weights_dir):
             log(f"no exported models (.safetensors with a .json card) in {weights_dir}")
             return 2
+        films = sorted(EXAMPLES.glob("*.jpg"))
         if args.random_models or not has_models(weights_dir):
-            weights_dir = work_dir / "weights"
+            weights_dir, films = work_dir / "weights", None
             synthetic_models(weights_dir)
             log(f"using two untrained models with random weights, in {weights_dir}")
-        models = sorted(p.stem for p in weights_dir.glob("*.safetensors") if p.with_suffix(".json").is_file())
-        from covidtl.export import read_card
-
-        models = [read_card(weights_dir / f"{stem}.json")["name"] for stem in models]
+        images = synthetic_images(work_dir, args.images, films)
+        models = model_names(weights_dir)
         log(f"models: {', '.join(models)}; images: {', '.join(p.name for p in images)}")
 
         server = Server(weights_dir, args.queue_size, work_dir / "server.log")

@@ -170,6 +170,9 @@ MUTATIONS = [
              "mean = float(np.mean([pred.p_positive for pred in predictions]))",
              "mean = float(np.max([pred.p_positive for pred in predictions]))",
              ("tests/test_app.py::test_agreement_sentences",)),
+    Mutation("load test asks for the lung model too", "benchmarks/load_test.py",
+             "for path in list_exported(folder)]", 'for path in sorted(folder.glob("*.safetensors"))]',
+             ("tests/test_safety.py::test_the_load_test_asks_for_the_shipped_classifiers_not_the_lung_model",)),
     Mutation("app builds its demo at import", "app.py",
              "def main(argv: list[str] | None = None) -> None:",
              "demo = build_demo(env_weights_dir(), env_examples_dir(), queue_size=env_queue_size())\n\n\n"
