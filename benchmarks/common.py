@@ -209,9 +209,11 @@ def ready_input(predictor: Predictor) -> torch.Tensor:
     return torch.randn(1, 3, predictor.input_size, predictor.input_size)
 
 
-def bare_forward(predictor: Predictor, x: torch.Tensor) -> Callable[[], object]:
+def bare_forward(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    """A call of `model` on the ready tensor `x` (inference mode), to time."""
+
     def run() -> object:
         with torch.inference_mode():
-            return predictor.model(x)
+            return model(x)
 
     return run

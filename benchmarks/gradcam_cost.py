@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> float:
         x = common.ready_input(predictor)
         t = common.interleaved(
             {
-                "forward": common.bare_forward(predictor, x),
+                "forward": common.bare_forward(predictor.model, x),
                 "grad-cam": partial(predictor.explain, x, "Grad-CAM"),
                 "before": full_backward_cam(predictor, x),
             },

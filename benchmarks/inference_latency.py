@@ -38,14 +38,13 @@ LIMIT = 1.2
 def own_forward(predictor):
     """The networks one upload runs, on ready tensors: the classifier, and its lung model first
     when it was trained on lung crops."""
-    classify = common.bare_forward(predictor, common.ready_input(predictor))
+    classify = common.bare_forward(predictor.model, common.ready_input(predictor))
     if predictor.lungs is None:
         return classify
-    lung_x = torch.randn(1, 3, LUNG_INPUT_SIZE, LUNG_INPUT_SIZE)
+    find_lungs = common.bare_forward(predictor.lungs, torch.randn(1, 3, LUNG_INPUT_SIZE, LUNG_INPUT_SIZE))
 
     def both() -> object:
-        with torch.inference_mode():
-            predictor.lungs(lung_x)
+        find_lungs()
         return classify()
 
     return both

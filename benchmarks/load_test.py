@@ -130,10 +130,6 @@ def model_names(folder: Path) -> list[str]:
     return [read_card(path.with_suffix(".json"))["name"] for path in list_exported(folder)]
 
 
-def has_models(folder: Path) -> bool:
-    return bool(model_names(folder))
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -488,16 +484,17 @@ def main(argv: list[str] | None = None) -> int:
     server = None
     try:
         weights_dir = args.weights_dir or REPO / "weights"
-        if args.weights_dir and not has_models(weights_dir):
+        models = model_names(weights_dir)
+        if args.weights_dir and not models:
             log(f"no exported models (.safetensors with a .json card) in {weights_dir}")
             return 2
         films = sorted(EXAMPLES.glob("*.jpg"))
-        if args.random_models or not has_models(weights_dir):
+        if args.random_models or not models:
             weights_dir, films = work_dir / "weights", None
             synthetic_models(weights_dir)
+            models = model_names(weights_dir)
             log(f"using two untrained models with random weights, in {weights_dir}")
         images = synthetic_images(work_dir, args.images, films)
-        models = model_names(weights_dir)
         log(f"models: {', '.join(models)}; images: {', '.join(p.name for p in images)}")
 
         server = Server(weights_dir, args.queue_size, work_dir / "server.log")

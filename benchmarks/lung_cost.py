@@ -20,13 +20,6 @@ from covidtl.models import count_parameters, create_model, get_spec
 LIMIT = 1.5
 
 
-def forward(model: torch.nn.Module, x: torch.Tensor):
-    def run() -> object:
-        with torch.inference_mode():
-            return model(x)
-
-    return run
-
 
 def main(argv: list[str] | None = None) -> float:
     args = common.parser(__doc__).parse_args(argv)
@@ -41,7 +34,7 @@ def main(argv: list[str] | None = None) -> float:
     print(note)
     size = get_spec("efficientnet_lite0").input_size
     lung_x, cls_x = torch.randn(1, 3, LUNG_INPUT_SIZE, LUNG_INPUT_SIZE), torch.randn(1, 3, size, size)
-    t = common.interleaved({"lungs": forward(lung_model, lung_x), "lite0": forward(classifier, cls_x)}, repeats,
+    t = common.interleaved({"lungs": common.bare_forward(lung_model, lung_x), "lite0": common.bare_forward(classifier, cls_x)}, repeats,
                            warmup=1 if args.quick else 3)
     ratio = t["lungs"] / t["lite0"]
     print(f"medians of {repeats} interleaved repeats, batch 1")

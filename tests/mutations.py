@@ -173,6 +173,12 @@ MUTATIONS = [
     Mutation("load test asks for the lung model too", "benchmarks/load_test.py",
              "for path in list_exported(folder)]", 'for path in sorted(folder.glob("*.safetensors"))]',
              ("tests/test_safety.py::test_the_load_test_asks_for_the_shipped_classifiers_not_the_lung_model",)),
+    Mutation("load test draws patterns even with films", "benchmarks/load_test.py",
+             "        if films:\n", "        if False:\n",
+             ("tests/test_benchmarks.py::test_the_load_test_sends_films_the_input_check_lets_through",)),
+    Mutation("inference_latency leaves out the lung network", "benchmarks/inference_latency.py",
+             "    if predictor.lungs is None:\n", "    if True:\n",
+             ("tests/test_benchmarks.py::test_a_lung_crop_model_s_own_forward_runs_its_lung_network_too",)),
     Mutation("app builds its demo at import", "app.py",
              "def main(argv: list[str] | None = None) -> None:",
              "demo = build_demo(env_weights_dir(), env_examples_dir(), queue_size=env_queue_size())\n\n\n"

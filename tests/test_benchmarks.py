@@ -42,3 +42,49 @@ def test_stats_pass_fails_when_the_statistics_differ_beyond_its_tolerance(tmp_pa
         stats_pass.main(args)
     assert exit_info.value.code not in (0, None) and "tolerance" in str(exit_info.value.code)
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("ratio")
+
+
+def test_a_lung_crop_model_s_own_forward_runs_its_lung_network_too():
+    """inference_latency's baseline for a model trained on lung crops is both networks an upload
+    runs (lung model at 192 px, then the classifier); for other models the classifier alone."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from benchmarks.inference_latency import own_forward
+
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        def forward(self, x):
+            seen.append((self.name, tuple(x.shape)))
+            return x
+
+    own_forward(SimpleNamespace(model=Spy("classifier"), input_size=64, lungs=Spy("lungs")))()
+    assert seen == [("lungs", (1, 3, 192, 192)), ("classifier", (1, 3, 64, 64))]
+    seen.clear()
+    own_forward(SimpleNamespace(model=Spy("classifier"), input_size=64, lungs=None))()
+    assert seen == [("classifier", (1, 3, 64, 64))]
+
+
+def test_the_load_test_sends_films_the_input_check_lets_through(tmp_path):
+    """With real models the load test sends the shipped example films at new sizes and formats:
+    the shipped input check accepts every one (it refuses the drawn patterns, which then never
+    reach a model)."""
+    from benchmarks import load_test
+    from covidtl.inference import load_upload
+    from covidtl.scope import load_gate
+
+    gate = load_gate(load_test.REPO / "weights" / "scope")
+    films = sorted(load_test.EXAMPLES.glob("*.jpg"))
+    (tmp_path / "films").mkdir()
+    (tmp_path / "drawn").mkdir()
+    real = load_test.synthetic_images(tmp_path / "films", 6, films)
+    drawn = load_test.synthetic_images(tmp_path / "drawn", 2)
+    assert len(films) == 4 and len({p.suffix for p in real}) == 3
+    assert all(gate.check(load_upload(p)).in_scope for p in real)
+    assert not any(gate.check(load_upload(p)).in_scope for p in drawn)

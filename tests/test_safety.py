@@ -347,11 +347,8 @@ def test_an_export_killed_at_any_moment_leaves_nothing_the_app_loads_wrongly(tmp
 def test_the_load_test_asks_for_the_shipped_classifiers_not_the_lung_model():
     """benchmarks/load_test.py on the shipped weights (the README's run) names each classifier
     the app serves; the lung model's card beside them is not a classifier's."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import load_test
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    from benchmarks import load_test
+
     weights = ROOT / "weights"
     names = load_test.model_names(weights)
     assert (weights / "lungs_lite0_unet.json").is_file() and "lungs_lite0_unet" not in names

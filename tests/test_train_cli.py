@@ -128,11 +128,8 @@ def test_a_mixup_recipe_mixes_every_training_batch(tiny_covidx, tmp_path, monkey
     assert json.loads((tmp_path / "weights" / "tiny.json").read_text())["config"]["mixup"] == 0.4
 
 
-@pytest.mark.parametrize("keep_epoch, epochs_run, kept", [("val_auc", 2, 1), ("last", 4, 4)])
-def test_keep_epoch_last_runs_the_whole_schedule_and_ships_its_last_weights(tiny_covidx, tmp_path, monkeypatch,
-                                                                              keep_epoch, epochs_run, kept):
-    """Validation AUC falls every epoch (patched): "val_auc" keeps epoch 1 and stops early,
-    "last" runs all 4 epochs and exports the last epoch's weights; the card says which."""
+def _validation_auc_falls_every_epoch(monkeypatch):
+    """Patch the epoch loop's validation metrics: AUC 1, 1/2, 1/3, ... (never a gain after epoch 1)."""
     real, calls = train_run.metrics.binary_metrics, []
 
     def falling_auc(labels, scores, threshold):
@@ -140,6 +137,14 @@ def test_keep_epoch_last_runs_the_whole_schedule_and_ships_its_last_weights(tiny
         return real(labels, scores, threshold) | {"auc": 1.0 / len(calls)}
 
     monkeypatch.setattr(train_run.metrics, "binary_metrics", falling_auc)
+
+
+@pytest.mark.parametrize("keep_epoch, epochs_run, kept", [("val_auc", 2, 1), ("last", 4, 4)])
+def test_keep_epoch_last_runs_the_whole_schedule_and_ships_its_last_weights(tiny_covidx, tmp_path, monkeypatch,
+                                                                              keep_epoch, epochs_run, kept):
+    """Validation AUC falls every epoch (patched): "val_auc" keeps epoch 1 and stops early,
+    "last" runs all 4 epochs and exports the last epoch's weights; the card says which."""
+    _validation_auc_falls_every_epoch(monkeypatch)
     recipe = write_recipe(tmp_path, epochs=4, early_stopping_patience=1, keep_epoch=keep_epoch)
     assert train_main(cli_args(recipe, tiny_covidx, tmp_path)) == 0
     card = json.loads((tmp_path / "weights" / "tiny.json").read_text())
@@ -157,13 +162,7 @@ def test_a_cosine_schedule_follows_the_epoch_budget_not_validation(tiny_covidx, 
     """Validation AUC falls every epoch (patched): "plateau" (patience 0) cuts the rate tenfold
     after each epoch without a gain; "cosine" goes down the half cosine of its 3-epoch budget
     whatever validation says. Each history row has the rate the next epoch trains at."""
-    real, calls = train_run.metrics.binary_metrics, []
-
-    def falling_auc(labels, scores, threshold):
-        calls.append(1)
-        return real(labels, scores, threshold) | {"auc": 1.0 / len(calls)}
-
-    monkeypatch.setattr(train_run.metrics, "binary_metrics", falling_auc)
+    _validation_auc_falls_every_epoch(monkeypatch)
     recipe = write_recipe(tmp_path, epochs=3, lr=1e-3, lr_schedule=schedule, plateau_patience=0, keep_epoch="last")
     assert train_main(cli_args(recipe, tiny_covidx, tmp_path)) == 0
     rates = [row["lr"] for row in json.loads((tmp_path / "runs/tiny/history.json").read_text())]
