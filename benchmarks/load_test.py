@@ -471,6 +471,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def serving_set(weights_dir: Path, models: list[str], random_models: bool, work_dir: Path,
+                count: int) -> tuple[Path, list[str], list[Path]]:
+    """(weights folder to serve, its classifiers, `count` images to send). The classifiers
+    `models` of `weights_dir` get the shipped example films at new sizes and formats, which
+    their input check lets through; with `random_models`, or no `models`, two untrained
+    models are written under `work_dir` and get drawn patterns."""
+    films = sorted(EXAMPLES.glob("*.jpg"))
+    if random_models or not models:
+        weights_dir, films = work_dir / "weights", None
+        synthetic_models(weights_dir)
+        models = model_names(weights_dir)
+    return weights_dir, models, synthetic_images(work_dir, count, films)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sys.path.insert(0, str(REPO))  # covidtl, when run as `python benchmarks/load_test.py`
@@ -483,18 +497,14 @@ def main(argv: list[str] | None = None) -> int:
 
     server = None
     try:
-        weights_dir = args.weights_dir or REPO / "weights"
-        models = model_names(weights_dir)
+        shipped = args.weights_dir or REPO / "weights"
+        models = model_names(shipped)
         if args.weights_dir and not models:
-            log(f"no exported models (.safetensors with a .json card) in {weights_dir}")
+            log(f"no exported models (.safetensors with a .json card) in {shipped}")
             return 2
-        films = sorted(EXAMPLES.glob("*.jpg"))
-        if args.random_models or not models:
-            weights_dir, films = work_dir / "weights", None
-            synthetic_models(weights_dir)
-            models = model_names(weights_dir)
+        weights_dir, models, images = serving_set(shipped, models, args.random_models, work_dir, args.images)
+        if weights_dir != shipped:
             log(f"using two untrained models with random weights, in {weights_dir}")
-        images = synthetic_images(work_dir, args.images, films)
         log(f"models: {', '.join(models)}; images: {', '.join(p.name for p in images)}")
 
         server = Server(weights_dir, args.queue_size, work_dir / "server.log")

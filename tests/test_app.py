@@ -287,6 +287,30 @@ def test_import_builds_nothing():
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=300)
 
 
+
+def test_main_serves_the_demo_its_flags_configure(monkeypatch, tmp_path):
+    """`python app.py --weights-dir ... --examples-dir ... --queue-size ... --port ...` builds the
+    demo from those flags (not from the environment's `app.demo`) and launches it on that port."""
+    import logging
+
+    calls = {}
+
+    class Served:
+        def launch(self, **options):
+            calls["launch"] = options
+
+    def build_demo(weights_dir, examples_dir, queue_size):
+        calls["build"] = (weights_dir, examples_dir, queue_size)
+        return Served()
+
+    monkeypatch.setenv("COVIDTL_WEIGHTS", str(tmp_path / "from-env"))
+    monkeypatch.setattr(app, "build_demo", build_demo)
+    monkeypatch.setattr(logging.getLogger("covidtl"), "level", logging.getLogger("covidtl").level)  # main sets it
+    app.main(["--weights-dir", str(tmp_path / "w"), "--examples-dir", str(tmp_path / "e"),
+              "--queue-size", "3", "--port", "7999", "--host", "127.0.0.1", "--no-share"])
+    assert calls["build"] == (tmp_path / "w", tmp_path / "e", 3)
+    assert calls["launch"] == app.launch_options("127.0.0.1", 7999, False)
+
 # --------------------------------------------------------------------------- launched app
 
 

@@ -74,17 +74,20 @@ def test_a_lung_crop_model_s_own_forward_runs_its_lung_network_too():
 def test_the_load_test_sends_films_the_input_check_lets_through(tmp_path):
     """With real models the load test sends the shipped example films at new sizes and formats:
     the shipped input check accepts every one (it refuses the drawn patterns, which then never
-    reach a model)."""
+    reach a model). With untrained models it sends the drawn patterns."""
     from benchmarks import load_test
     from covidtl.inference import load_upload
     from covidtl.scope import load_gate
 
     gate = load_gate(load_test.REPO / "weights" / "scope")
-    films = sorted(load_test.EXAMPLES.glob("*.jpg"))
-    (tmp_path / "films").mkdir()
-    (tmp_path / "drawn").mkdir()
-    real = load_test.synthetic_images(tmp_path / "films", 6, films)
-    drawn = load_test.synthetic_images(tmp_path / "drawn", 2)
-    assert len(films) == 4 and len({p.suffix for p in real}) == 3
+    shipped = load_test.REPO / "weights"
+    (tmp_path / "real").mkdir()
+    (tmp_path / "random").mkdir()
+    served, models, real = load_test.serving_set(shipped, load_test.model_names(shipped), False,
+                                                 tmp_path / "real", 6)
+    assert served == shipped and models == load_test.model_names(shipped)
+    served, models, drawn = load_test.serving_set(shipped, models, True, tmp_path / "random", 2)
+    assert served == tmp_path / "random" / "weights" and len(models) == 2
+    assert len(list(load_test.EXAMPLES.glob("*.jpg"))) == 4 and len({p.suffix for p in real}) == 3
     assert all(gate.check(load_upload(p)).in_scope for p in real)
     assert not any(gate.check(load_upload(p)).in_scope for p in drawn)
