@@ -305,9 +305,13 @@ def test_main_serves_the_demo_its_flags_configure(monkeypatch, tmp_path):
 
     monkeypatch.setenv("COVIDTL_WEIGHTS", str(tmp_path / "from-env"))
     monkeypatch.setattr(app, "build_demo", build_demo)
-    monkeypatch.setattr(logging.getLogger("covidtl"), "level", logging.getLogger("covidtl").level)  # main sets it
-    app.main(["--weights-dir", str(tmp_path / "w"), "--examples-dir", str(tmp_path / "e"),
-              "--queue-size", "3", "--port", "7999", "--host", "127.0.0.1", "--no-share"])
+    logger = logging.getLogger("covidtl")
+    level = logger.level
+    try:
+        app.main(["--weights-dir", str(tmp_path / "w"), "--examples-dir", str(tmp_path / "e"),
+                  "--queue-size", "3", "--port", "7999", "--host", "127.0.0.1", "--no-share"])
+    finally:
+        logger.setLevel(level)  # main sets it for the served app
     assert calls["build"] == (tmp_path / "w", tmp_path / "e", 3)
     assert calls["launch"] == app.launch_options("127.0.0.1", 7999, False)
 
