@@ -286,15 +286,22 @@ MUTATIONS = [
 
 
 def check(mutation: Mutation, root: Path = ROOT) -> str | None:
-    """None if `mutation` applies to `root` (original found exactly once), else why not."""
+    """None if `mutation` applies to `root` (original found exactly once, and a Python file
+    still compiles after it: a syntax error would fail every test and prove nothing), else why not."""
     path = root / mutation.file
     if not path.is_file():
         return f"{mutation.file} does not exist"
-    count = path.read_text().count(mutation.original)
+    text = path.read_text()
+    count = text.count(mutation.original)
     if count != 1:
         return f"{mutation.original!r} is found {count} times in {mutation.file}, not once"
     if mutation.original == mutation.replacement:
         return "the replacement changes nothing"
+    if path.suffix == ".py":
+        try:
+            compile(text.replace(mutation.original, mutation.replacement), str(path), "exec")
+        except SyntaxError as error:
+            return f"the mutated {mutation.file} does not compile ({error.msg}, line {error.lineno}); fix the replacement"
     return None
 
 
