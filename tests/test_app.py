@@ -287,7 +287,6 @@ def test_import_builds_nothing():
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=300)
 
 
-
 def test_main_serves_the_demo_its_flags_configure(monkeypatch, tmp_path):
     """`python app.py --weights-dir ... --examples-dir ... --queue-size ... --port ...` builds the
     demo from those flags (not from the environment's `app.demo`) and launches it on that port."""
@@ -314,6 +313,7 @@ def test_main_serves_the_demo_its_flags_configure(monkeypatch, tmp_path):
         logger.setLevel(level)  # main sets it for the served app
     assert calls["build"] == (tmp_path / "w", tmp_path / "e", 3)
     assert calls["launch"] == app.launch_options("127.0.0.1", 7999, False)
+
 
 # --------------------------------------------------------------------------- launched app
 

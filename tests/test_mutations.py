@@ -1,13 +1,13 @@
 """The mutation list (tests/mutations.py) stays in sync with the code: each breakage's
 original text is found exactly once in its file, the mutated file still compiles, and each
-names tests that exist. The
-breakages themselves run only on demand (`python -m tests.mutations`): they take minutes."""
+names tests that exist. The breakages themselves run only on demand
+(`python -m tests.mutations`): they take minutes."""
 
 from __future__ import annotations
 
 import pytest
 
-from tests.mutations import MUTATIONS, ROOT, check, main
+from tests.mutations import MUTATIONS, ROOT, Mutation, check, main
 
 
 @pytest.mark.parametrize("mutation", MUTATIONS, ids=[m.name for m in MUTATIONS])
@@ -17,8 +17,6 @@ def test_each_breakage_applies_exactly_once(mutation):
 
 def test_a_breakage_that_does_not_compile_is_not_applied(tmp_path):
     """A replacement that breaks the syntax would fail every test and prove nothing."""
-    from tests.mutations import Mutation
-
     (tmp_path / "m.py").write_text("def f(x):\n    return x + 1\n")
     fine = Mutation("off by one", "m.py", "x + 1", "x + 2", ("t.py",))
     broken = Mutation("dedented", "m.py", "    return x + 1\n", "return x + 1\n", ("t.py",))
