@@ -134,6 +134,20 @@ def write_xray(path: Path, width: int, height: int, bits: int = 8, seed: int = 0
     return path
 
 
+EXAMPLE_FILM = REPO / "assets" / "examples" / "nih-no-finding-00002371_010.jpg"  # shipped, with its credits
+
+
+def write_film(path: Path, width: int, height: int, bits: int = 8, source: Path = EXAMPLE_FILM) -> Path:
+    """Write a real chest X-ray (`source`, one of the shipped example films) resized to
+    `width` x `height` as a PNG, 8-bit or 16-bit (values x 257), unless it exists. Unlike a
+    drawn film, a lung model finds its lungs, so a lung-crop model takes its crop path."""
+    if not path.is_file():
+        with Image.open(source) as film:
+            pixels = np.asarray(film.convert("L").resize((width, height), Image.BICUBIC))
+        Image.fromarray(pixels.astype(np.uint16) * 257 if bits == 16 else pixels).save(path)
+    return path
+
+
 def decode(path: Path) -> None:
     """Plain decode, the floor any loader pays: PIL reads every pixel, converts nothing."""
     with Image.open(path) as image:

@@ -1,8 +1,9 @@
 """Question 1: does predicting on a big image cost little more than decoding it plus the
 model's own forward pass?
 
-For a 1024 x 1024 8-bit PNG and a 2500 x 3000 16-bit PNG (generated, X-ray-like), per
-model, side by side in one run:
+For a 1024 x 1024 8-bit PNG and a 2500 x 3000 16-bit PNG, each drawn (X-ray-like, with no
+lungs a lung model finds: a lung-crop model keeps it whole) and a real film (a shipped
+example, resized: a lung-crop model cuts it to its lungs), per model, side by side in one run:
 
     decode   PIL reads the file (every pixel, no conversion)
     forward  the model on a ready input tensor [1, 3, S, S] (inference mode); for a model
@@ -14,7 +15,7 @@ model, side by side in one run:
 
 Ratio: predict / (decode + forward); the worst over models and images is printed last.
 
-    python -m benchmarks.inference_latency            # ~1-2 minutes on 2 cores
+    python -m benchmarks.inference_latency            # ~2 minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -27,11 +28,17 @@ from benchmarks import common
 from covidtl.inference import load_upload
 from covidtl.lungs import LUNG_INPUT_SIZE
 
-IMAGES = {  # name: (width, height, bits)
-    "1024x1024 8-bit PNG": (1024, 1024, 8),
-    "2500x3000 16-bit PNG": (2500, 3000, 16),
+IMAGES = {  # name: (width, height, bits, writer)
+    "1024x1024 8-bit PNG": (1024, 1024, 8, common.write_xray),
+    "2500x3000 16-bit PNG": (2500, 3000, 16, common.write_xray),
+    "1024x1024 8-bit PNG film": (1024, 1024, 8, common.write_film),
+    "2500x3000 16-bit PNG film": (2500, 3000, 16, common.write_film),
 }
-QUICK_IMAGES = {"256x256 8-bit PNG": (256, 256, 8), "300x360 16-bit PNG": (300, 360, 16)}
+QUICK_IMAGES = {
+    "256x256 8-bit PNG": (256, 256, 8, common.write_xray),
+    "300x360 16-bit PNG": (300, 360, 16, common.write_xray),
+    "300x300 8-bit PNG film": (300, 300, 8, common.write_film),
+}
 LIMIT = 1.2
 
 
@@ -56,8 +63,8 @@ def main(argv: list[str] | None = None) -> float:
     models, note = common.predictors(args, scratch)
     print(note)
     rows, worst = [], 0.0
-    for label, (width, height, bits) in (QUICK_IMAGES if args.quick else IMAGES).items():
-        path = common.write_xray(scratch / f"{width}x{height}x{bits}.png", width, height, bits)
+    for label, (width, height, bits, write) in (QUICK_IMAGES if args.quick else IMAGES).items():
+        path = write(scratch / f"{label.replace(' ', '_')}.png", width, height, bits)
         for predictor in models:
             side = predictor.resize_side
             t = common.interleaved(

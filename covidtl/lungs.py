@@ -117,7 +117,7 @@ def lung_input(images: Sequence[Image.Image], size: int = LUNG_INPUT_SIZE) -> to
     return ((x - LUNG_MEAN) / LUNG_STD).expand(-1, 3, -1, -1).contiguous()
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def segment(model: nn.Module, image: Image.Image) -> np.ndarray:
     """bool [H, W]: the lungs in `image` (H x W its own size), from `model` in eval mode."""
     logits = model(lung_input([image]))
@@ -140,34 +140,39 @@ class MaskCheck:
         return self.reason is None
 
 
-def _components(mask: np.ndarray) -> tuple[np.ndarray, list[int]]:
-    """(label image, component labels sorted by area, largest first) of a bool mask."""
+def _components(mask: np.ndarray) -> tuple[np.ndarray, list[int], np.ndarray, np.ndarray]:
+    """(label image, component labels sorted by area, largest first, each label's area,
+    each label's centroid (x, y)) of a bool mask: one pass over the pixels."""
     import cv2
 
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
-    order = sorted(range(1, count), key=lambda i: -stats[i, cv2.CC_STAT_AREA])
-    return labels, order
+    count, labels, stats, centroids = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    areas = stats[:, cv2.CC_STAT_AREA]
+    order = sorted(range(1, count), key=lambda i: -areas[i])
+    return labels, order, areas, centroids
 
 
 def check_mask(mask: np.ndarray) -> MaskCheck:
     """Is `mask` (bool [H, W]) two lungs? Two components of at least `MIN_LUNG_FRACTION`
     of the image each, no third one that large, the smaller at least `MIN_SIZE_RATIO` of
     the larger, side by side (centroids apart horizontally more than vertically), and
-    together `MIN_TOTAL_FRACTION`..`MAX_TOTAL_FRACTION` of the image."""
+    together `MIN_TOTAL_FRACTION`..`MAX_TOTAL_FRACTION` of the image. Areas and centroids
+    come from the labelling pass, so an upload's check costs one pass over its pixels
+    (plus one to draw the two lungs)."""
     area = mask.size
-    labels, order = _components(mask)
-    sizes = [int((labels == i).sum()) for i in order[:3]]
+    labels, order, areas, centroids = _components(mask)
+    sizes = [int(areas[i]) for i in order[:3]]
     big = [s for s in sizes if s >= MIN_LUNG_FRACTION * area]
     empty = np.zeros_like(mask, dtype=bool)
     if len(big) != 2:
         return MaskCheck(f"{len(big)} lung-sized components, expected 2", empty)
-    lungs = np.isin(labels, order[:2])
+    first, second = order[:2]
+    lungs = (labels == first) | (labels == second)
     total = (big[0] + big[1]) / area
     if big[1] < MIN_SIZE_RATIO * big[0]:
         return MaskCheck(f"one lung is {big[1] / big[0]:.2f} of the other's area", lungs)
     if not MIN_TOTAL_FRACTION <= total <= MAX_TOTAL_FRACTION:
         return MaskCheck(f"lungs cover {total:.2f} of the image", lungs)
-    (y0, x0), (y1, x1) = (np.argwhere(labels == i).mean(axis=0) for i in order[:2])
+    (x0, y0), (x1, y1) = centroids[first], centroids[second]
     if abs(x0 - x1) <= abs(y0 - y1):
         return MaskCheck("the two components are not side by side", lungs)
     return MaskCheck(None, lungs)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 
 import pytest
+from PIL import Image
 
 SCRIPTS = ["inference_latency", "gradcam_cost", "compare_all", "app_start", "train_input", "stats_pass", "gpu_train", "lung_cost"]
 
@@ -69,6 +70,28 @@ def test_a_lung_crop_model_s_own_forward_runs_its_lung_network_too():
     seen.clear()
     own_forward(SimpleNamespace(model=Spy("classifier"), input_size=64, lungs=None))()
     assert seen == [("classifier", (1, 3, 64, 64))]
+
+
+def test_inference_latency_times_the_lung_crop_on_its_real_films(tmp_path):
+    """Each image size is timed as a drawn film, which the shipped lung model finds no lungs in
+    (a lung-crop model keeps it whole), and as a real film, which it cuts to its lungs: both
+    paths of an upload are timed. 16-bit films are written as 16-bit PNGs."""
+    from benchmarks import common
+    from benchmarks.inference_latency import IMAGES
+    from covidtl.inference import load_upload
+    from covidtl.lungs import crop_to_lungs, default_lung_weights, load_lung_model
+
+    model, _ = load_lung_model(default_lung_weights())
+    def sizes(writer):
+        return sorted(size for *size, write in IMAGES.values() if write is writer)
+
+    assert sizes(common.write_film) == sizes(common.write_xray) != [], "each size, drawn and real"
+    for label, (width, height, bits, write) in IMAGES.items():
+        path = write(tmp_path / f"{label.replace(' ', '_')}.png", width, height, bits)
+        with Image.open(path) as written:
+            assert written.size == (width, height) and (written.mode != "L") == (bits == 16), label
+        cropped = crop_to_lungs(load_upload(path, min_side=500), model).box is not None
+        assert cropped == (write is common.write_film), label
 
 
 def test_the_load_test_sends_films_the_input_check_lets_through(tmp_path):
