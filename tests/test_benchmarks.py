@@ -82,6 +82,7 @@ def test_inference_latency_times_the_lung_crop_on_its_real_films(tmp_path):
     from covidtl.lungs import crop_to_lungs, default_lung_weights, load_lung_model
 
     model, _ = load_lung_model(default_lung_weights())
+
     def sizes(writer):
         return sorted(size for *size, write in IMAGES.values() if write is writer)
 
