@@ -41,7 +41,7 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from covidtl.cards import card_markdown, card_plots, lung_model_markdown
+from covidtl.cards import card_markdown, card_plots, held_out_summary, lung_model_markdown, read_held_out
 from covidtl.classes import CLASSES, POSITIVE_NAME
 from covidtl.decision import (
     OUT_OF_SCOPE,
@@ -264,6 +264,7 @@ def classify(
     opacity: float,
     *,
     lungs: LungOutliner | None = None,
+    held_out: dict[str, dict] | None = None,
 ):
     """Classify one chest X-ray with one model and show where the model looked.
 
@@ -276,7 +277,9 @@ def classify(
     Returns:
         The label {"label", "confidences"}: the decision at the model's threshold,
         "COVID-19" or "Negative", or "Out of scope" (no confidences) when the input check
-        refuses the image; the decision (or the refusal's reason) in words; the image; the
+        refuses the image; the decision (or the refusal's reason) in words, with what the
+        model's recipe did on sources it never saw when `held_out` (model name ->
+        `covidtl.cards.read_held_out` result) has it; the image; the
         heatmap over the part of the image the model sees (none when refused), with the
         lungs' outline when a lung model (`lungs`) finds plausible lungs; the timing.
     """
@@ -313,9 +316,12 @@ def classify(
         + f"total {total_ms:.0f} ms including decoding the file, on {predictor.device}."
     )
     state = {"view": view, "heatmap": heatmap, "lungs": in_view}
+    decision = decision_markdown(predictor.name, prediction)
+    if (held_out or {}).get(predictor.name):
+        decision += f"\n\n{held_out_summary(held_out[predictor.name])}"
     return (
         label_data(prediction),
-        decision_markdown(predictor.name, prediction),
+        decision,
         _for_display(image),
         reblend(state, opacity),
         timing,
@@ -486,6 +492,7 @@ def build_demo(
     store = store if store is not None else ModelStore(weights_dir)
     gate = gate if gate is not None else gate_for(weights_dir)
     lungs = LungOutliner.from_folder(weights_dir)
+    held_out = {name: result for name, card in store.cards.items() if (result := read_held_out(weights_dir, card))}
     files = OutputFiles()
     names = rank_models(store.cards)
     examples = example_files(HERE / "assets" / "examples", examples_dir)
@@ -574,7 +581,7 @@ def build_demo(
                 for i, (shown, name) in enumerate(model_choices(store)):
                     card = store.cards[name]
                     with gr.Accordion(shown, open=i == 0):
-                        gr.Markdown(card_markdown(card))
+                        gr.Markdown(card_markdown(card, held_out.get(name)))
                         plots = card_plots(card, weights_dir)
                         if plots:
                             gr.Gallery(
@@ -605,6 +612,7 @@ def build_demo(
                 gate,
                 lambda out: (files.label(out[0]), out[1], files.png(out[2]), files.png_or_none(out[3]), *out[4:]),
                 lungs=lungs,
+                held_out=held_out,
             ),
             inputs=[upload, model, method, opacity],
             outputs=[confidences, decision, original, heatmap, timing, cam_state],

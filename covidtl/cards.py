@@ -7,12 +7,19 @@ a markdown table.
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 from covidtl.classes import POSITIVE_NAME
+
+log = logging.getLogger(__name__)
+
+# `python -m train.loso` writes a recipe's leave-one-source-out result as <recipe name> + this.
+HELD_OUT_SUFFIX = ".loso.json"
 
 METRIC_NAMES = {
     "auc": "ROC AUC",
@@ -153,9 +160,77 @@ def lung_model_markdown(card: dict) -> str:
     return "\n".join(lines)
 
 
-def card_markdown(card: dict) -> str:
+def held_out_path(weights_dir: Path, name: str) -> Path:
+    """Where `python -m train.loso` puts recipe `name`'s leave-one-source-out result."""
+    return Path(weights_dir) / f"{name}{HELD_OUT_SUFFIX}"
+
+
+def read_held_out(weights_dir: Path, card: dict) -> dict | None:
+    """The leave-one-source-out result beside `card` (`held_out_path`): None when there is
+    none, or it cannot be read, or it is not of the card's recipe, epochs and seed (a stale
+    or hand-placed file would describe another model; it is ignored with a warning)."""
+    path = held_out_path(weights_dir, card.get("name", ""))
+    if not path.is_file():
+        return None
+    try:
+        result = json.loads(path.read_text())
+        folds = [(fold["held_out"], fold["n"], fold["n_positive"], fold["overall"]) for fold in result["folds"]]
+        ran = {key: result[key] for key in ("recipe", "epochs", "seed")}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        log.warning("ignoring %s: not a train.loso result (%r)", path, err)
+        return None
+    config = card.get("config") or {}
+    expected = {"recipe": card.get("name"), "epochs": config.get("epochs"), "seed": config.get("seed")}
+    if not folds or ran != expected:
+        log.warning("ignoring %s: it is of %s, the card of %s", path, ran, expected)
+        return None
+    return result
+
+
+def _fold_rates(overall: dict) -> list[str]:
+    names = (("auc", "AUC"), ("sensitivity", "sensitivity"), ("specificity", "specificity"))
+    values = [(label, (overall.get(key) or {}).get("value")) for key, label in names]
+    return [f"{label} {value:.3f}" for label, value in values if isinstance(value, (int, float))]
+
+
+def held_out_summary(result: dict) -> str:
+    """One sentence for an answer: what the recipe did on each source it never saw."""
+    folds = "; ".join(f"{fold['held_out']} {', '.join(_fold_rates(fold['overall']))}" for fold in result["folds"])
+    return (
+        "How far to trust this at a new hospital: retrained without one source at a time and scored on "
+        f"that source's films (leave-one-source-out, at each run's own threshold), this recipe got: {folds}."
+    )
+
+
+def held_out_markdown(result: dict) -> list[str]:
+    """The leave-one-source-out folds as a card section: the honest estimate for a new site."""
+    lines = [
+        "#### At a site it never saw",
+        (
+            f"The recipe retrained without one source at a time ({result.get('epochs', '?')} epochs, seed "
+            f"{result.get('seed', '?')}), then scored on every film of that source at that run's own threshold. "
+            "Expect a new hospital to look like these rows, not like the test split, whose sources were all "
+            "seen in training."
+        ),
+        "",
+        "| held-out source | n (positive) | ROC AUC (95 % interval) | sensitivity | specificity |",
+        "|---|---|---|---|---|",
+    ]
+    for fold in result["folds"]:
+        overall = fold["overall"]
+        lines.append(
+            f"| {_cell(fold['held_out'])} | {fold['n']} ({fold['n_positive']}) | {_metric_cell(overall.get('auc'))} | "
+            f"{_metric_cell(overall.get('sensitivity'))} | {_metric_cell(overall.get('specificity'))} |"
+        )
+    if result.get("command"):
+        lines.append(f"\nFrom `{_cell(result['command'])}`.")
+    return lines
+
+
+def card_markdown(card: dict, held_out: dict | None = None) -> str:
     """A model card for humans: threshold and its rule, metrics with 95 % intervals,
-    per-source results, provenance, intended use and limitations. Absent parts are skipped."""
+    per-source results, the leave-one-source-out result `held_out` (`read_held_out`) when
+    given, provenance, intended use and limitations. Absent parts are skipped."""
     lines = [f"### {_cell(card.get('name', '?'))}"]
     facts = [f"architecture `{_cell(card.get('architecture', '?'))}`", f"input {card.get('input_size', '?')} px"]
     if card.get("initialisation") is not None:
@@ -185,6 +260,9 @@ def card_markdown(card: dict) -> str:
         if isinstance(metrics[split], dict):
             lines.append("")
             lines += _report_markdown(split, metrics[split])
+    if held_out:
+        lines.append("")
+        lines += held_out_markdown(held_out)
     crop = card.get("lung_crop")
     if isinstance(crop, dict):
         kept = ", ".join(f"{s} {n}/{(crop.get('images') or {}).get(s, '?')}" for s, n in (crop.get("kept_whole") or {}).items())

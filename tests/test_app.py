@@ -68,6 +68,26 @@ FULL_REPORT = {
 }
 
 
+# What `python -m train.loso` writes (the parts the app reads), for the "always" model's recipe.
+HELD_OUT = {
+    "recipe": "always",
+    "epochs": 3,
+    "seed": 0,
+    "command": "python -m train.loso --recipe always.toml --data d",
+    "folds": [
+        {"held_out": "siteA", "n": 40, "n_positive": 10, "overall": {
+            "auc": {"value": 0.7, "ci_low": 0.55, "ci_high": 0.82},
+            "sensitivity": {"value": 0.9, "ci_low": 0.6, "ci_high": 1.0},
+            "specificity": {"value": 0.3, "ci_low": 0.15, "ci_high": 0.45}}},
+        {"held_out": "siteB", "n": 50, "n_positive": 0, "overall": {
+            "auc": {"value": None, "ci_low": None, "ci_high": None},
+            "sensitivity": {"value": None, "ci_low": None, "ci_high": None},
+            "specificity": {"value": 0.42, "ci_low": 0.3, "ci_high": 0.55}}},
+    ],
+}
+SITE_SUMMARY = "siteA AUC 0.700, sensitivity 0.900, specificity 0.300; siteB specificity 0.420."
+
+
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("weights")
@@ -86,8 +106,10 @@ def weights(tmp_path_factory) -> Path:
             "sources": {"cohen": {"license": "mixed", "population": "adult"}},
         },
         plots={"test_roc": "always.test.roc.png", "evil": "../outside.png"},
+        config={"epochs": 3, "seed": 0},
     )
     save_png(xray_like(64), folder / "always.test.roc.png")
+    cards.held_out_path(folder, "always").write_text(json.dumps(HELD_OUT))
     export_tiny_model(folder, "never", threshold=1.01, seed=1)
     return folder
 
@@ -215,6 +237,38 @@ def test_card_markdown_renders_metrics_sources_and_provenance(store):
     assert text.index("#### test split") < text.index("#### val split")
     minimal = cards.card_markdown(store.cards["never"])
     assert "no evaluation results" in minimal and "1.010" in minimal
+
+
+def test_held_out_results_are_read_only_for_the_card_s_own_recipe_run(store, weights, tmp_path):
+    """`<name>.loso.json` beside a card is shown only when it is of the card's recipe, epochs
+    and seed; another run's, a broken one or none at all is not."""
+    card = store.cards["always"]
+    assert cards.read_held_out(weights, card) == HELD_OUT
+    assert cards.read_held_out(weights, store.cards["never"]) is None  # no file
+    for change in ({"epochs": 4}, {"seed": 1}, {"recipe": "other"}, {"folds": []}):
+        cards.held_out_path(tmp_path, "always").write_text(json.dumps({**HELD_OUT, **change}))
+        assert cards.read_held_out(tmp_path, card) is None, change
+    cards.held_out_path(tmp_path, "always").write_text('{"recipe": "always", "folds": [')
+    assert cards.read_held_out(tmp_path, card) is None
+
+
+def test_card_markdown_shows_the_held_out_folds(store):
+    text = cards.card_markdown(store.cards["always"], HELD_OUT)
+    for expected in (
+        "#### At a site it never saw",
+        "| siteA | 40 (10) | 0.700 (0.550 to 0.820) | 0.900 (0.600 to 1.000) | 0.300 (0.150 to 0.450) |",
+        "| siteB | 50 (0) | n/a | n/a | 0.420 (0.300 to 0.550) |",
+        "python -m train.loso --recipe always.toml",
+    ):
+        assert expected in text, expected
+    assert "never saw" not in cards.card_markdown(store.cards["always"])
+
+
+def test_the_models_tab_shows_the_held_out_folds_beside_a_card(weights, store, gate):
+    demo = app.build_demo(weights, store=store, gate=gate)
+    texts = [block.value or "" for block in demo.blocks.values() if isinstance(block, gr.Markdown)]
+    shown = [text for text in texts if "#### At a site it never saw" in text]
+    assert len(shown) == 1 and "### always" in shown[0] and "| siteA | 40 (10) |" in shown[0]
 
 
 def test_card_plots_stay_inside_the_weights_folder(store, weights):
@@ -383,6 +437,20 @@ def test_images_that_are_not_chest_xrays_are_out_of_scope_through_the_client(cli
     assert words.get(kind, "far from the chest X-rays these models learned from") in decision
     table, gallery, ensemble = client.predict(handle_file(str(path)), "Grad-CAM", api_name="/compare")
     assert [row[3] for row in table["data"]] == [OUT_OF_SCOPE] * 2 and not gallery and OUT_OF_SCOPE in ensemble
+
+
+def test_an_answer_says_what_its_recipe_did_at_sites_it_never_saw(client, store, images):
+    """The decision of a model with a leave-one-source-out result beside its card ends with it,
+    handler and API alike; a model without one says nothing of the kind."""
+    held_out = {"always": HELD_OUT}
+    _, decision, *_ = app.classify(store, CHEAP, str(images["png"]), "always", "Grad-CAM", 0.5, held_out=held_out)
+    assert decision.endswith(SITE_SUMMARY) and "leave-one-source-out" in decision
+    _, decision, *_ = app.classify(store, CHEAP, str(images["png"]), "never", "Grad-CAM", 0.5, held_out=held_out)
+    assert "leave-one-source-out" not in decision
+    _, decision, *_ = client.predict(handle_file(str(images["png"])), "always", "Grad-CAM", 0.4, api_name="/classify")
+    assert decision.endswith(SITE_SUMMARY)
+    _, decision, *_ = client.predict(handle_file(str(images["png"])), "never", "Grad-CAM", 0.4, api_name="/classify")
+    assert "leave-one-source-out" not in decision
 
 
 def test_classify_without_a_model_uses_the_default(client):
