@@ -41,7 +41,7 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from covidtl.cards import card_markdown, card_plots, held_out_summary, lung_model_markdown, read_held_out
+from covidtl.cards import HeldOut, card_markdown, card_plots, held_out_summary, lung_model_markdown, read_held_out
 from covidtl.classes import CLASSES, POSITIVE_NAME
 from covidtl.decision import (
     OUT_OF_SCOPE,
@@ -264,7 +264,7 @@ def classify(
     opacity: float,
     *,
     lungs: LungOutliner | None = None,
-    held_out: dict[str, dict] | None = None,
+    held_out: dict[str, HeldOut] | None = None,
 ):
     """Classify one chest X-ray with one model and show where the model looked.
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -165,13 +166,19 @@ def held_out_path(weights_dir: Path, name: str) -> Path:
     return Path(weights_dir) / f"{name}{HELD_OUT_SUFFIX}"
 
 
-def read_held_out(weights_dir: Path, card: dict) -> dict | None:
-    """The leave-one-source-out result beside `card` (`held_out_path`): None when there is
-    none, or it cannot be read, or it is not of the card's recipe, epochs and seed (a stale
-    or hand-placed file would describe another model; it is ignored with a warning)."""
-    path = held_out_path(weights_dir, card.get("name", ""))
-    if not path.is_file():
-        return None
+@dataclass(frozen=True)
+class HeldOut:
+    """A recipe's leave-one-source-out result (`run`, the card's own seed) and the same
+    recipe's runs with other seeds (`other_seeds`, any of its sources): how far one run's
+    figures move with the seed."""
+
+    run: dict
+    other_seeds: list[dict]
+
+
+def _read_loso(path: Path) -> tuple[dict, dict] | None:
+    """(result, its recipe, epochs and seed) of a `train.loso` JSON with folds; None, with a
+    warning, when it cannot be read or is not one."""
     try:
         result = json.loads(path.read_text())
         folds = [(fold["held_out"], fold["n"], fold["n_positive"], fold["overall"]) for fold in result["folds"]]
@@ -179,55 +186,99 @@ def read_held_out(weights_dir: Path, card: dict) -> dict | None:
     except (OSError, ValueError, KeyError, TypeError) as err:
         log.warning("ignoring %s: not a train.loso result (%r)", path, err)
         return None
+    if not folds:
+        log.warning("ignoring %s: no folds", path)
+        return None
+    return result, ran
+
+
+def read_held_out(weights_dir: Path, card: dict) -> HeldOut | None:
+    """The leave-one-source-out result beside `card` (`held_out_path`), with the runs of the
+    same recipe and epochs with other seeds kept in `weights_dir/ablation/` (as
+    `<name>.*.loso.json`, from `train.loso --seed N`). None when there is no result beside
+    the card, or it cannot be read, or it is not of the card's recipe, epochs and seed (a
+    stale or hand-placed file would describe another model; it is ignored with a warning)."""
+    name = card.get("name", "")
+    path = held_out_path(weights_dir, name)
+    read = _read_loso(path) if path.is_file() else None
+    if read is None:
+        return None
+    result, ran = read
     config = card.get("config") or {}
-    expected = {"recipe": card.get("name"), "epochs": config.get("epochs"), "seed": config.get("seed")}
-    if not folds or ran != expected:
+    expected = {"recipe": name, "epochs": config.get("epochs"), "seed": config.get("seed")}
+    if ran != expected:
         log.warning("ignoring %s: it is of %s, the card of %s", path, ran, expected)
         return None
-    return result
+    others = [_read_loso(other) for other in sorted((Path(weights_dir) / "ablation").glob(f"{name}.*{HELD_OUT_SUFFIX}"))]
+    other_seeds = [
+        other for other, of in filter(None, others)
+        if of["recipe"] == name and of["epochs"] == ran["epochs"] and of["seed"] != ran["seed"]
+    ]
+    return HeldOut(result, other_seeds)
+
+
+def _value(overall: dict, key: str) -> float | None:
+    value = (overall.get(key) or {}).get("value")
+    return value if isinstance(value, (int, float)) else None
 
 
 def _fold_rates(overall: dict) -> list[str]:
     names = (("auc", "AUC"), ("sensitivity", "sensitivity"), ("specificity", "specificity"))
-    values = [(label, (overall.get(key) or {}).get("value")) for key, label in names]
-    return [f"{label} {value:.3f}" for label, value in values if isinstance(value, (int, float))]
+    return [f"{label} {_value(overall, key):.3f}" for key, label in names if _value(overall, key) is not None]
 
 
-def held_out_summary(result: dict) -> str:
+def _other_seeds(held: HeldOut, fold: dict) -> str:
+    """The other seeds' AUC on the source `fold` (of `held.run`) held out (specificity where
+    the source has one class), e.g. "AUC 0.719, 0.701"; "" when no other seed held it out."""
+    key = "auc" if _value(fold["overall"], "auc") is not None else "specificity"
+    values = [_value(other["overall"], key) for run in held.other_seeds for other in run["folds"]
+              if other["held_out"] == fold["held_out"]]
+    shown = [f"{value:.3f}" for value in values if value is not None]
+    return f"{'AUC' if key == 'auc' else key} {', '.join(shown)}" if shown else ""
+
+
+def held_out_summary(held: HeldOut) -> str:
     """One sentence for an answer: what the recipe did on each source it never saw."""
-    folds = "; ".join(f"{fold['held_out']} {', '.join(_fold_rates(fold['overall']))}" for fold in result["folds"])
+    parts = []
+    for fold in held.run["folds"]:
+        other = _other_seeds(held, fold)
+        parts.append(f"{fold['held_out']} {', '.join(_fold_rates(fold['overall']))}"
+                     + (f" (other seeds: {other})" if other else ""))
     return (
         "How far to trust this at a new hospital: retrained without one source at a time and scored on "
-        f"that source's films (leave-one-source-out, at each run's own threshold), this recipe got: {folds}."
+        f"that source's films (leave-one-source-out, at each run's own threshold), this recipe got: {'; '.join(parts)}."
     )
 
 
-def held_out_markdown(result: dict) -> list[str]:
+def held_out_markdown(held: HeldOut) -> list[str]:
     """The leave-one-source-out folds as a card section: the honest estimate for a new site."""
+    result = held.run
     lines = [
         "#### At a site it never saw",
         (
             f"The recipe retrained without one source at a time ({result.get('epochs', '?')} epochs, seed "
             f"{result.get('seed', '?')}), then scored on every film of that source at that run's own threshold. "
             "Expect a new hospital to look like these rows, not like the test split, whose sources were all "
-            "seen in training."
+            "seen in training. Other seeds: the same recipe run again with another seed."
         ),
         "",
-        "| held-out source | n (positive) | ROC AUC (95 % interval) | sensitivity | specificity |",
-        "|---|---|---|---|---|",
+        "| held-out source | n (positive) | ROC AUC (95 % interval) | sensitivity | specificity | other seeds |",
+        "|---|---|---|---|---|---|",
     ]
     for fold in result["folds"]:
         overall = fold["overall"]
         lines.append(
             f"| {_cell(fold['held_out'])} | {fold['n']} ({fold['n_positive']}) | {_metric_cell(overall.get('auc'))} | "
-            f"{_metric_cell(overall.get('sensitivity'))} | {_metric_cell(overall.get('specificity'))} |"
+            f"{_metric_cell(overall.get('sensitivity'))} | {_metric_cell(overall.get('specificity'))} | "
+            f"{_other_seeds(held, fold) or 'not run'} |"
         )
-    if result.get("command"):
-        lines.append(f"\nFrom `{_cell(result['command'])}`.")
+    commands = [run["command"] for run in (result, *held.other_seeds) if run.get("command")]
+    if commands:
+        lines.append("\nFrom " + "; ".join(f"`{_cell(command)}`" for command in commands) + ".")
     return lines
 
 
-def card_markdown(card: dict, held_out: dict | None = None) -> str:
+def card_markdown(card: dict, held_out: HeldOut | None = None) -> str:
     """A model card for humans: threshold and its rule, metrics with 95 % intervals,
     per-source results, the leave-one-source-out result `held_out` (`read_held_out`) when
     given, provenance, intended use and limitations. Absent parts are skipped."""

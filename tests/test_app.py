@@ -85,7 +85,13 @@ HELD_OUT = {
             "specificity": {"value": 0.42, "ci_low": 0.3, "ci_high": 0.55}}},
     ],
 }
-SITE_SUMMARY = "siteA AUC 0.700, sensitivity 0.900, specificity 0.300; siteB specificity 0.420."
+# The same recipe with seed 1 on siteA only (weights/ablation/), and with other epochs (not shown).
+SEED_1 = {**HELD_OUT, "seed": 1, "command": "python -m train.loso --seed 1", "folds": [
+    {**HELD_OUT["folds"][0], "overall": {"auc": {"value": 0.65, "ci_low": 0.5, "ci_high": 0.8}}}]}
+EPOCHS_9 = {**SEED_1, "epochs": 9, "folds": [
+    {**HELD_OUT["folds"][0], "overall": {"auc": {"value": 0.99, "ci_low": 0.9, "ci_high": 1.0}}}]}
+SITE_SUMMARY = ("siteA AUC 0.700, sensitivity 0.900, specificity 0.300 (other seeds: AUC 0.650); "
+                "siteB specificity 0.420.")
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +116,9 @@ def weights(tmp_path_factory) -> Path:
     )
     save_png(xray_like(64), folder / "always.test.roc.png")
     cards.held_out_path(folder, "always").write_text(json.dumps(HELD_OUT))
+    (folder / "ablation").mkdir()
+    (folder / "ablation" / "always.seed1.loso.json").write_text(json.dumps(SEED_1))
+    (folder / "ablation" / "always.epochs9.loso.json").write_text(json.dumps(EPOCHS_9))
     export_tiny_model(folder, "never", threshold=1.01, seed=1)
     return folder
 
@@ -241,9 +250,10 @@ def test_card_markdown_renders_metrics_sources_and_provenance(store):
 
 def test_held_out_results_are_read_only_for_the_card_s_own_recipe_run(store, weights, tmp_path):
     """`<name>.loso.json` beside a card is shown only when it is of the card's recipe, epochs
-    and seed; another run's, a broken one or none at all is not."""
+    and seed; another run's, a broken one or none at all is not. Runs of the same recipe and
+    epochs with another seed, in ablation/, come with it."""
     card = store.cards["always"]
-    assert cards.read_held_out(weights, card) == HELD_OUT
+    assert cards.read_held_out(weights, card) == cards.HeldOut(HELD_OUT, [SEED_1])
     assert cards.read_held_out(weights, store.cards["never"]) is None  # no file
     for change in ({"epochs": 4}, {"seed": 1}, {"recipe": "other"}, {"folds": []}):
         cards.held_out_path(tmp_path, "always").write_text(json.dumps({**HELD_OUT, **change}))
@@ -253,12 +263,12 @@ def test_held_out_results_are_read_only_for_the_card_s_own_recipe_run(store, wei
 
 
 def test_card_markdown_shows_the_held_out_folds(store):
-    text = cards.card_markdown(store.cards["always"], HELD_OUT)
+    text = cards.card_markdown(store.cards["always"], cards.HeldOut(HELD_OUT, [SEED_1]))
     for expected in (
         "#### At a site it never saw",
-        "| siteA | 40 (10) | 0.700 (0.550 to 0.820) | 0.900 (0.600 to 1.000) | 0.300 (0.150 to 0.450) |",
-        "| siteB | 50 (0) | n/a | n/a | 0.420 (0.300 to 0.550) |",
-        "python -m train.loso --recipe always.toml",
+        "| siteA | 40 (10) | 0.700 (0.550 to 0.820) | 0.900 (0.600 to 1.000) | 0.300 (0.150 to 0.450) | AUC 0.650 |",
+        "| siteB | 50 (0) | n/a | n/a | 0.420 (0.300 to 0.550) | not run |",
+        "`python -m train.loso --recipe always.toml --data d`; `python -m train.loso --seed 1`",
     ):
         assert expected in text, expected
     assert "never saw" not in cards.card_markdown(store.cards["always"])
@@ -439,10 +449,10 @@ def test_images_that_are_not_chest_xrays_are_out_of_scope_through_the_client(cli
     assert [row[3] for row in table["data"]] == [OUT_OF_SCOPE] * 2 and not gallery and OUT_OF_SCOPE in ensemble
 
 
-def test_an_answer_says_what_its_recipe_did_at_sites_it_never_saw(client, store, images):
+def test_an_answer_says_what_its_recipe_did_at_sites_it_never_saw(client, weights, store, images):
     """The decision of a model with a leave-one-source-out result beside its card ends with it,
     handler and API alike; a model without one says nothing of the kind."""
-    held_out = {"always": HELD_OUT}
+    held_out = {"always": cards.read_held_out(weights, store.cards["always"])}
     _, decision, *_ = app.classify(store, CHEAP, str(images["png"]), "always", "Grad-CAM", 0.5, held_out=held_out)
     assert decision.endswith(SITE_SUMMARY) and "leave-one-source-out" in decision
     _, decision, *_ = app.classify(store, CHEAP, str(images["png"]), "never", "Grad-CAM", 0.5, held_out=held_out)

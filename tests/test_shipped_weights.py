@@ -74,9 +74,12 @@ def test_every_shipped_model_answers_with_its_recipe_s_leave_one_source_out_resu
     from covidtl.cards import read_held_out
 
     card = read_card(path.with_suffix(".json"))
-    result = read_held_out(WEIGHTS, card)
-    assert result is not None, f"no leave-one-source-out result of {card['name']} beside it: python -m train.loso"
-    assert {fold["held_out"] for fold in result["folds"]} == set(card["data"]["sources"])
+    held = read_held_out(WEIGHTS, card)
+    assert held is not None, f"no leave-one-source-out result of {card['name']} beside it: python -m train.loso"
+    assert {fold["held_out"] for fold in held.run["folds"]} == set(card["data"]["sources"])
+    for run in held.other_seeds:  # weights/ablation/: the same recipe and epochs, another seed
+        assert (run["recipe"], run["epochs"]) == (card["name"], card["config"]["epochs"])
+        assert run["seed"] != card["config"]["seed"]
 
 
 def test_weights_readme_is_generated_from_the_cards():
