@@ -85,13 +85,15 @@ HELD_OUT = {
             "specificity": {"value": 0.42, "ci_low": 0.3, "ci_high": 0.55}}},
     ],
 }
-# The same recipe with seed 1 on siteA only (weights/ablation/), and with other epochs (not shown).
+# The same recipe with seed 1 (weights/ablation/), and with other epochs (not shown). Where a
+# source has one class, the other seeds' specificity stands for their AUC.
 SEED_1 = {**HELD_OUT, "seed": 1, "command": "python -m train.loso --seed 1", "folds": [
-    {**HELD_OUT["folds"][0], "overall": {"auc": {"value": 0.65, "ci_low": 0.5, "ci_high": 0.8}}}]}
+    {**HELD_OUT["folds"][0], "overall": {"auc": {"value": 0.65, "ci_low": 0.5, "ci_high": 0.8}}},
+    {**HELD_OUT["folds"][1], "overall": {"specificity": {"value": 0.4, "ci_low": 0.3, "ci_high": 0.5}}}]}
 EPOCHS_9 = {**SEED_1, "epochs": 9, "folds": [
     {**HELD_OUT["folds"][0], "overall": {"auc": {"value": 0.99, "ci_low": 0.9, "ci_high": 1.0}}}]}
 SITE_SUMMARY = ("siteA AUC 0.700, sensitivity 0.900, specificity 0.300 (other seeds: AUC 0.650); "
-                "siteB specificity 0.420.")
+                "siteB specificity 0.420 (other seeds: specificity 0.400).")
 
 
 @pytest.fixture(scope="module")
@@ -267,7 +269,7 @@ def test_card_markdown_shows_the_held_out_folds(store):
     for expected in (
         "#### At a site it never saw",
         "| siteA | 40 (10) | 0.700 (0.550 to 0.820) | 0.900 (0.600 to 1.000) | 0.300 (0.150 to 0.450) | AUC 0.650 |",
-        "| siteB | 50 (0) | n/a | n/a | 0.420 (0.300 to 0.550) | not run |",
+        "| siteB | 50 (0) | n/a | n/a | 0.420 (0.300 to 0.550) | specificity 0.400 |",
         "`python -m train.loso --recipe always.toml --data d`; `python -m train.loso --seed 1`",
     ):
         assert expected in text, expected
