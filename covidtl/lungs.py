@@ -162,9 +162,8 @@ def check_mask(mask: np.ndarray) -> MaskCheck:
     labels, order, areas, centroids = _components(mask)
     sizes = [int(areas[i]) for i in order[:3]]
     big = [s for s in sizes if s >= MIN_LUNG_FRACTION * area]
-    empty = np.zeros_like(mask, dtype=bool)
     if len(big) != 2:
-        return MaskCheck(f"{len(big)} lung-sized components, expected 2", empty)
+        return MaskCheck(f"{len(big)} lung-sized components, expected 2", np.zeros_like(mask, dtype=bool))
     first, second = order[:2]
     lungs = (labels == first) | (labels == second)
     total = (big[0] + big[1]) / area

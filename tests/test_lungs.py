@@ -39,7 +39,10 @@ def test_two_side_by_side_lungs_are_plausible():
 def test_implausible_masks_say_why():
     one = two_lungs()
     one[:, 40:60] = True  # the two joined into one blob
-    assert "1 lung-sized" in check_mask(one).reason
+    joined = check_mask(one)
+    assert "1 lung-sized" in joined.reason
+    # no two lungs: no lungs to draw, an empty mask of the image's own shape
+    assert joined.lungs.shape == one.shape and joined.lungs.dtype == bool and not joined.lungs.any()
     assert "0 lung-sized" in check_mask(np.zeros((100, 100), bool)).reason
     stacked = np.zeros((100, 100), dtype=bool)
     stacked[10:40, 20:80] = stacked[60:90, 20:80] = True
@@ -173,5 +176,5 @@ def test_the_app_outlines_the_lungs_the_model_sees():
     edge = outline(mask, thickness=2)
     assert (heatmap[edge] == lungs.OUTLINE_COLOUR).all() and "lung outline" in timing
     assert (app.reblend(state, 0.9)[edge] == lungs.OUTLINE_COLOUR).all()
-    *_, plain, timing, state = app.classify(store, ScopeGate(), str(film), None, "Grad-CAM", 0.4)
+    *_, timing, state = app.classify(store, ScopeGate(), str(film), None, "Grad-CAM", 0.4)
     assert state["lungs"] is None and "lung outline" not in timing
