@@ -317,8 +317,8 @@ def classify(
     )
     state = {"view": view, "heatmap": heatmap, "lungs": in_view}
     decision = decision_markdown(predictor.name, prediction)
-    if (held_out or {}).get(predictor.name):
-        decision += f"\n\n{held_out_summary(held_out[predictor.name])}"
+    if recipe_held_out := (held_out or {}).get(predictor.name):
+        decision += f"\n\n{held_out_summary(recipe_held_out)}"
     return (
         label_data(prediction),
         decision,

@@ -7,6 +7,7 @@ import json
 import shutil
 
 import train.run as train_run
+from covidtl import cards
 from train import loso, model_table
 from train.run import fit as run_fit
 
@@ -22,10 +23,12 @@ def test_each_fold_trains_without_its_source_and_scores_all_of_it(tiny_covidx, t
     recipe = tmp_path / "recipe.toml"
     recipe.write_text('name = "tiny"\nbackbone = "squeezenet1_1"\npretrained = false\nepochs = 3\n'
                       'batch_size = 4\nlr = 1e-3\nnum_workers = 0\nseed = 1\n')
-    out = tmp_path / "weights" / "tiny.loso.json"
+    monkeypatch.chdir(tmp_path)  # without --out: weights/<recipe name>.loso.json, where the app and the table read it
+    out = cards.held_out_path(tmp_path / "weights", "tiny")
     assert loso.main(["--recipe", str(recipe), "--data", str(tiny_covidx), "--epochs", "1", "--n-boot", "20",
-                      "--out", str(out), "--runs-dir", str(tmp_path / "runs")]) == 0
+                      "--runs-dir", str(tmp_path / "runs")]) == 0
     result = json.loads(out.read_text())
+    assert model_table.read_loso(tmp_path / "weights") == [result]
     assert [fold["held_out"] for fold in result["folds"]] == ["srcA", "srcB"]
     assert seen == [{"srcB"}, {"srcA"}]
     # every image of the held-out source, from all splits: srcA 6 + 4 + 4 (7 positive), srcB 6 + 2 + 2 (5)

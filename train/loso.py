@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file
 
 from covidtl import calibration, metrics
+from covidtl.cards import held_out_path
 from covidtl.config import load_recipe, replace
 from covidtl.engine import predict_logits
 from covidtl.export import atomic_write_json
@@ -144,7 +145,7 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError(f"unknown sources {unknown}; the data set has {sources}")
     # No early stop on a short schedule's noise: every fold runs the same epochs.
     config = replace(config, early_stopping_patience=max(config.early_stopping_patience, config.epochs))
-    out = args.out or Path("weights") / f"{config.name}.loso.json"
+    out = args.out or held_out_path(Path("weights"), config.name)
     result = {
         "recipe": config.name,
         "data": args.data.resolve().name,

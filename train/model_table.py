@@ -12,6 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
+from covidtl.cards import HELD_OUT_SUFFIX
 from covidtl.config import load_recipe
 from covidtl.export import list_exported, read_card
 
@@ -130,7 +131,7 @@ def loso_rows(results: list[dict]) -> list[str]:
 
 def read_loso(weights_dir: Path) -> list[dict]:
     """The `python -m train.loso` results in `weights_dir` (`*.loso.json`), by file name."""
-    return [json.loads(path.read_text()) for path in sorted(Path(weights_dir).glob("*.loso.json"))]
+    return [json.loads(path.read_text()) for path in sorted(Path(weights_dir).glob(f"*{HELD_OUT_SUFFIX}"))]
 
 
 def recipe_of(result: dict, root: Path) -> dict:
