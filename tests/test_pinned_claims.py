@@ -176,25 +176,28 @@ def test_a_probability_equal_to_the_threshold_is_flagged(tmp_path):
     assert at_p.p_positive == p and at_p.decision is True
 
 
-# --------------------------------------------------------------------------- README: hardening figures
+# --------------------------------------------------------------------------- docs: hardening figures
 
 
-def _readme_number(pattern: str) -> float:
-    found = re.search(pattern, (ROOT / "README.md").read_text())
-    assert found, f"README.md no longer says {pattern!r}"
+def _stated_number(page: str, pattern: str) -> float:
+    """The number a docs page states (the README links the page)."""
+    found = re.search(pattern, (ROOT / page).read_text())
+    assert found, f"{page} no longer says {pattern!r}"
     return float(found.group(1))
 
 
 def test_the_readmes_upload_limits_are_the_codes():
+    """docs/hardening.md ("Uploads") and docs/speed.md ("Many users")."""
     import app
     from covidtl import inference
 
-    assert inference.MAX_UPLOAD_BYTES == _readme_number(r"At most (\d+) MiB") * 2**20
-    assert inference.MAX_PIXELS == _readme_number(r"and (\d+)\s+megapixels") * 1e6
-    assert inference.MIN_SIDE == _readme_number(r"at\s+least (\d+) px")
-    assert inference.MAX_ASPECT == _readme_number(r"aspect\s+ratio of at most (\d+):1")
-    assert app.CONCURRENCY_LIMIT == _readme_number(r"At most (\d+) requests run at a time")
-    assert app.QUEUE_MAX_SIZE == _readme_number(r"at most (\d+) wait")
+    uploads, queue = "docs/hardening.md", "docs/speed.md"
+    assert inference.MAX_UPLOAD_BYTES == _stated_number(uploads, r"At most (\d+) MiB") * 2**20
+    assert inference.MAX_PIXELS == _stated_number(uploads, r"and (\d+)\s+megapixels") * 1e6
+    assert inference.MIN_SIDE == _stated_number(uploads, r"at\s+least (\d+) px")
+    assert inference.MAX_ASPECT == _stated_number(uploads, r"aspect\s+ratio of at most (\d+):1")
+    assert app.CONCURRENCY_LIMIT == _stated_number(queue, r"At most (\d+) requests run at a time")
+    assert app.QUEUE_MAX_SIZE == _stated_number(queue, r"at most (\d+) wait")
 
 
 @pytest.mark.parametrize(

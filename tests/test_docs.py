@@ -1,0 +1,175 @@
+"""The README and docs/ hold together, and the repository deploys to a Hugging Face Space.
+
+- every relative link in README.md and docs/*.md reaches a file, and every anchor a heading
+  of that file (GitHub's slugs);
+- README.md stays a newcomer's page (at most 160 lines) and links every docs/ page;
+- the Space front matter at the top of README.md agrees with the code (sdk, the gradio pin,
+  the app file, the Python version);
+- every tracked weight and image file is routed to Git LFS by .gitattributes (the Hub
+  refuses binary files that LFS does not track).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+PAGES = [README, *DOCS]
+MAX_README_LINES = 160
+LFS_ATTRIBUTES = ("filter=lfs", "diff=lfs", "merge=lfs", "-text")
+BINARY_EXTENSIONS = (".safetensors", ".png", ".jpg", ".jpeg")
+
+_FENCED_CODE = re.compile(r"^ {0,3}(```|~~~).*?^ {0,3}\1[^\n]*$", re.MULTILINE | re.DOTALL)
+_INLINE_CODE = re.compile(r"`[^`\n]*`")
+_LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+_HEADING = re.compile(r"^ {0,3}#{1,6}\s+(.+?)\s*#*\s*$", re.MULTILINE)
+
+
+def _prose(text: str) -> str:
+    """Markdown without its code: links and headings inside code are not links or headings."""
+    return _INLINE_CODE.sub("", _FENCED_CODE.sub("", text))
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lowercase, punctuation dropped except - and _,
+    spaces to -. Markdown around the words (`code`, **bold**, [links](...)) is text first."""
+    text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading)
+    text = re.sub(r"[`*]", "", text).strip().lower()
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def anchors(page: Path) -> set[str]:
+    """Every anchor GitHub gives the headings of a markdown file (a repeated slug gets -1, -2...)."""
+    seen: dict[str, int] = {}
+    result = set()
+    for heading in _HEADING.findall(_prose(page.read_text())):
+        slug = _slug(heading)
+        result.add(slug if slug not in seen else f"{slug}-{seen[slug]}")
+        seen[slug] = seen.get(slug, 0) + 1
+    return result
+
+
+def relative_links(page: Path) -> list[str]:
+    """The targets of `[text](target)` and `![alt](target)` that stay in the repository."""
+    targets = _LINK.findall(_prose(page.read_text()))
+    return [t for t in targets if not re.match(r"(https?|mailto):", t, re.IGNORECASE)]
+
+
+def _shown(path: Path) -> Path:
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+
+
+def broken_links(page: Path) -> list[str]:
+    """One line per link of `page` whose file or heading does not exist."""
+    problems = []
+    for target in relative_links(page):
+        path, _, anchor = target.partition("#")
+        file = (page.parent / path).resolve() if path else page
+        if not file.exists():
+            problems.append(f"{target}: no file {_shown(file)}")
+        elif anchor and file.suffix == ".md" and anchor not in anchors(file):
+            problems.append(f"{target}: no heading #{anchor} in {_shown(file)}")
+    return problems
+
+
+def front_matter(text: str) -> dict[str, str]:
+    """The `key: value` lines between the first two `---` lines (a Hugging Face Space's config)."""
+    lines = text.splitlines()
+    assert lines and lines[0].strip() == "---", "README.md must start with the Space front matter (---)"
+    end = next(i for i, line in enumerate(lines[1:], 1) if line.strip() == "---")
+    fields = {}
+    for line in lines[1:end]:
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip().strip("\"'")
+    return fields
+
+
+def test_there_are_docs_pages():
+    assert {page.name for page in DOCS} >= {"training.md", "model-selection.md", "deploy.md"}
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_relative_link_resolves(page):
+    assert broken_links(page) == []
+
+
+def test_a_broken_link_or_anchor_is_found(tmp_path):
+    (tmp_path / "other.md").write_text("# Other page\n\n## Set up, run: test (GPU)\n")
+    page = tmp_path / "page.md"
+    page.write_text(
+        "# Page\n\n[ok](other.md#set-up-run-test-gpu) [self](#page) ![img](other.md) "
+        "[web](https://example.org/x) `[code](nowhere.md)`\n\n"
+        "[gone](missing.md) [bad anchor](other.md#set-up) [bad self](#nowhere)\n"
+    )
+    assert [problem.split(":")[0] for problem in broken_links(page)] == ["missing.md", "other.md#set-up", "#nowhere"]
+
+
+def test_github_slugs():
+    assert _slug("What holds up at a new site") == "what-holds-up-at-a-new-site"
+    assert _slug("Set up, run, test") == "set-up-run-test"
+    assert _slug("`covidtl-predict` and **the API**") == "covidtl-predict-and-the-api"
+    assert _slug("Speed (2-core CPU)") == "speed-2-core-cpu"
+
+
+def test_the_readme_is_short_and_links_every_docs_page():
+    text = README.read_text()
+    assert len(text.splitlines()) <= MAX_README_LINES, f"README.md has over {MAX_README_LINES} lines: move it to docs/"
+    linked = {(README.parent / t.partition("#")[0]).resolve() for t in relative_links(README)}
+    assert [page.name for page in DOCS if page.resolve() not in linked] == []
+
+
+def test_the_space_front_matter_agrees_with_the_code():
+    fields = front_matter(README.read_text())
+    pins = dict(
+        line.split("==", 1) for line in (ROOT / "requirements.txt").read_text().splitlines() if "==" in line
+    )
+    assert fields.get("sdk") == "gradio"
+    assert fields.get("sdk_version") == pins["gradio"].strip(), "sdk_version must be the gradio pin of requirements.txt"
+    assert (ROOT / fields.get("app_file", "")).is_file(), f"app_file {fields.get('app_file')!r} does not exist"
+    python = fields.get("python_version", "")
+    assert python.startswith("3."), f"python_version {python!r}"
+    required = re.search(r'requires-python\s*=\s*">=\s*(\d+)\.(\d+)', (ROOT / "pyproject.toml").read_text())
+    if required:
+        assert tuple(int(n) for n in python.split(".")[:2]) >= (int(required[1]), int(required[2])), (
+            f"python_version {python} is below pyproject's requires-python"
+        )
+
+
+def _lfs_patterns() -> list[str]:
+    patterns = []
+    for line in (ROOT / ".gitattributes").read_text().splitlines():
+        fields = line.split()
+        if fields and not fields[0].startswith("#") and all(a in fields[1:] for a in LFS_ATTRIBUTES):
+            patterns.append(fields[0])
+    return patterns
+
+
+def _routed_to_lfs(path: str, patterns: list[str]) -> bool:
+    name = path.rsplit("/", 1)[-1]
+    return any(fnmatch.fnmatch(name if "/" not in p else path, p) for p in patterns)
+
+
+def test_tracked_weights_and_images_are_routed_to_lfs():
+    try:
+        tracked = subprocess.run(
+            ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.split("\0")
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    binaries = [path for path in tracked if path.lower().endswith(BINARY_EXTENSIONS)]
+    assert binaries, "no tracked weights or images found"
+    patterns = _lfs_patterns()
+    assert [path for path in binaries if not _routed_to_lfs(path, patterns)] == []
+
+
+def test_an_unrouted_binary_is_found():
+    patterns = ["*.png"]
+    assert _routed_to_lfs("assets/screenshot-classify.png", patterns)
+    assert not _routed_to_lfs("weights/model.safetensors", patterns)
