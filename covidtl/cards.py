@@ -15,7 +15,7 @@ from typing import Any
 
 from PIL import Image
 
-from covidtl.classes import POSITIVE_NAME
+from covidtl.classes import DISPLAY_NAMES, POSITIVE_NAME
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +136,31 @@ def _audit_markdown(audit: dict) -> list[str]:
     if per_source:
         lines += ["\n| source | lungs | border |", "|---|---|---|"]
         lines += [f"| {_cell(s)} | {_num(v.get(lung_key))} | {_num(v.get('border'))} |" for s, v in per_source.items()]
+    return lines
+
+
+def site_audit_markdown(audit: dict) -> list[str]:
+    """How well the penultimate features tell the sources apart within each class
+    (covidtl.site_audit): balanced accuracy beside chance, per class."""
+    per_class = audit.get("per_class") or {}
+    if not per_class:
+        return []
+    splits = " and ".join(_cell(s) for s in audit.get("splits") or [])
+    lines = [
+        f"#### Does it know the hospital? ({_cell(audit.get('data', '?'))}, {splits} films)",
+        "A linear probe on the model's penultimate features, cross-validated by patient, predicts each film's "
+        "source within one class. Near chance: the features carry little of the hospital; far above it: the "
+        "model could be flagging the site rather than the disease.",
+        "\n| class | sources (films) | balanced accuracy | chance |",
+        "|---|---|---|---|",
+    ]
+    for name, probe in per_class.items():
+        shown = DISPLAY_NAMES.get(name, name)
+        if "skipped" in probe:
+            lines.append(f"| {_cell(shown)} | {_cell(probe['skipped'])} | – | – |")
+            continue
+        sources = ", ".join(f"{_cell(s)} {n}" for s, n in probe["sources"].items())
+        lines.append(f"| {_cell(shown)} | {sources} | {_num(probe['balanced_accuracy'])} | {_num(probe['chance'])} |")
     return lines
 
 
@@ -322,6 +347,9 @@ def card_markdown(card: dict, held_out: HeldOut | None = None) -> str:
     if isinstance(card.get("shortcut_audit"), dict):
         lines.append("")
         lines += _audit_markdown(card["shortcut_audit"])
+    if isinstance(card.get("site_audit"), dict):
+        lines.append("")
+        lines += site_audit_markdown(card["site_audit"])
     if isinstance(card.get("data"), dict):
         lines.append("")
         lines += _data_markdown(card["data"])

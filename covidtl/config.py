@@ -65,6 +65,16 @@ class TrainConfig:
     # "loss": class-weighted cross entropy; "sampler": class-balanced sampling;
     # "sampler_source": balanced over (label, source) pairs, against source shortcuts.
     balance: str = "loss"
+    # With a balanced sampler ("sampler", "sampler_source"): draw this many films an epoch
+    # (with replacement) instead of the training split's size; a CPU budget for large sets.
+    samples_per_epoch: int | None = None
+    # Site-blind training (covidtl.site_blind), both off at 0. `adversary`: weight of the
+    # class-conditional source-adversarial loss, a source head per class on the penultimate
+    # features whose gradient is reversed into the backbone (Ganin et al. 2016); `auxiliary`:
+    # weight of the within-site pathology target (no finding / other pneumonia / COVID-19,
+    # covidtl.findings), learnt from the metadata where a source has several findings.
+    adversary: float = 0.0
+    auxiliary: float = 0.0
     mean: tuple[float, ...] | None = None  # None: the backbone's; or e.g. COVIDx stats
     std: tuple[float, ...] | None = None
     min_sensitivity: float = 0.90  # operating point chosen on validation
@@ -122,6 +132,14 @@ class TrainConfig:
             raise ValueError(f"input_size must be 32 px or more (or left out for the backbone's), not {self.input_size}")
         if self.train_sources is not None and not self.train_sources:
             raise ValueError("train_sources is empty: name the sources to train on, or leave it out for all")
+        if self.samples_per_epoch is not None and self.samples_per_epoch < 1:
+            raise ValueError(f"samples_per_epoch must be positive (or left out for the split's size), not {self.samples_per_epoch}")
+        if self.samples_per_epoch is not None and self.balance not in ("sampler", "sampler_source"):
+            raise ValueError('samples_per_epoch draws from a balanced sampler: set balance = "sampler" or "sampler_source"')
+        if self.adversary < 0 or self.auxiliary < 0:
+            raise ValueError(f"adversary and auxiliary are loss weights: 0 (off) or positive, not {self.adversary}, {self.auxiliary}")
+        if self.mixup > 0 and (self.adversary > 0 or self.auxiliary > 0):
+            raise ValueError("mixup blends two films' labels, which the site-blind heads cannot read: use one or the other")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be positive")
 

@@ -7,6 +7,7 @@ losses are summed across processes so every rank reports the same numbers.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -15,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from covidtl.calibration import positive_scores
+from covidtl.site_blind import SiteBlindHeads, tap_features
 
 Progress = Callable[[Iterable], Iterable] | None
 
@@ -56,23 +58,37 @@ def train_one_epoch(
     channels_last: bool = False,
     progress: Progress = None,
     mixup: float = 0.0,
+    site_blind: SiteBlindHeads | None = None,
+    head: str = "",
 ) -> dict[str, float]:
-    """Train for one pass over `loader`; returns {"train_loss": mean loss per image}.
+    """Train for one pass over `loader`; returns {"train_loss": mean loss per image} (the
+    classification loss), plus the mean of each site-blind loss when `site_blind` is given.
 
     `scaler` enables fp16 autocast (CUDA); `progress` wraps the loader (e.g. tqdm);
     `mixup` > 0 blends each batch with a shuffled copy of itself (:func:`mix_batch`).
+    `site_blind`: training-only heads (:mod:`covidtl.site_blind`) on the input of the model's
+    head `head` (a `get_submodule` path); the loader then yields (images, labels, targets
+    [B, 2]) and the heads' parameters must be in `optimizer`.
     """
     model.train()
     loss_sum, count = 0.0, 0
-    for images, labels in progress(loader) if progress else loader:
-        images, labels = _to_device(images, labels, device, channels_last)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=scaler is not None):
+    extra_sums: dict[str, float] = {}
+    plain = getattr(model, "module", model)  # DistributedDataParallel keeps the model as .module
+    for batch in progress(loader) if progress else loader:
+        images, labels = _to_device(batch[0], batch[1], device, channels_last)
+        with (torch.autocast(device.type, dtype=torch.float16, enabled=scaler is not None),
+              tap_features(plain, head) if site_blind is not None else nullcontext([]) as taken):
             if mixup > 0:
                 images, partners, lam = mix_batch(images, labels, mixup)
                 logits = model(images)
                 loss = lam * criterion(logits, labels) + (1 - lam) * criterion(logits, partners)
             else:
                 loss = criterion(model(images), labels)
+            extra = site_blind(taken[-1].float(), labels, batch[2].to(device)) if site_blind is not None else {}
+        for name, value in extra.items():
+            extra_sums[name] = extra_sums.get(name, 0.0) + value.item() * len(labels)
+        class_loss = loss.item()
+        loss = loss + sum(extra.values())
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -81,10 +97,11 @@ def train_one_epoch(
         else:
             loss.backward()
             optimizer.step()
-        loss_sum += loss.item() * len(labels)
+        loss_sum += class_loss * len(labels)
         count += len(labels)
-    loss_sum, count = _all_reduce_sum([loss_sum, float(count)], device)
-    return {"train_loss": loss_sum / max(count, 1)}
+    names = sorted(extra_sums)
+    loss_sum, count, *extras = _all_reduce_sum([loss_sum, float(count), *(extra_sums[n] for n in names)], device)
+    return {"train_loss": loss_sum / max(count, 1)} | {f"{n}_loss": v / max(count, 1) for n, v in zip(names, extras)}
 
 
 @torch.no_grad()
@@ -143,15 +160,19 @@ class EpochSampler(Sampler[int]):
 
     `weights=None` is a plain shuffle without replacement (like DistributedSampler,
     padding so every rank gets the same count); with weights it draws
-    `len(weights)` indices with replacement (class- or source-balanced).
+    `num_samples` (default `len(weights)`) indices with replacement (class- or
+    source-balanced).
     """
 
-    def __init__(self, n: int, weights: torch.Tensor | None = None, seed: int = 0, rank: int = 0, world_size: int = 1):
+    def __init__(self, n: int, weights: torch.Tensor | None = None, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 num_samples: int | None = None):
         if weights is not None and len(weights) != n:
             raise ValueError(f"{len(weights)} weights for {n} samples")
+        if num_samples is not None and weights is None:
+            raise ValueError("num_samples needs weights: an unweighted epoch is one pass over the samples")
         self.n, self.weights, self.seed, self.rank, self.world_size = n, weights, seed, rank, world_size
         self.epoch = 0
-        self.per_rank = -(-n // world_size)
+        self.per_rank = -(-(num_samples or n) // world_size)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

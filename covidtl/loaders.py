@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -18,6 +19,7 @@ from covidtl.config import TrainConfig
 from covidtl.data import CovidxDataset, balanced_sampler_weights
 from covidtl.engine import EpochSampler
 from covidtl.labels import Record
+from covidtl.site_blind import WithTargets
 from covidtl.transforms import build_transform
 
 
@@ -74,12 +76,15 @@ def train_loader(
     rank: int = 0,
     world_size: int = 1,
     cache: ImageCache | None = None,
+    targets: np.ndarray | None = None,
 ) -> tuple[DataLoader, EpochSampler]:
     """Augmented, shuffled (or balanced, per `config.balance`) loader, sharded by rank.
 
     Call `sampler.set_epoch(epoch)` before each epoch: the order is a function of
     (seed, epoch, rank), so a resumed run sees the same batches. `cache`: a cache of
     `records` built for (input_size, config.crop_fraction), or None to decode every epoch.
+    `targets`: int64 [N, k] extra targets per record (site-blind training); the loader then
+    yields (images, labels, targets) batches.
     """
     transform = build_transform(
         input_size,
@@ -99,9 +104,11 @@ def train_loader(
         weights = balanced_sampler_weights(records, by="label")
     elif config.balance == "sampler_source":
         weights = balanced_sampler_weights(records, by="label_source")
-    sampler = EpochSampler(len(records), weights, seed=config.seed, rank=rank, world_size=world_size)
+    sampler = EpochSampler(len(records), weights, seed=config.seed, rank=rank, world_size=world_size,
+                           num_samples=config.samples_per_epoch)
+    dataset = _dataset(records, image_dir, transform, input_size, config.crop_fraction, cache)
     loader = DataLoader(
-        _dataset(records, image_dir, transform, input_size, config.crop_fraction, cache),
+        dataset if targets is None else WithTargets(dataset, targets),
         batch_size=config.batch_size,
         sampler=sampler,
         num_workers=config.num_workers,

@@ -150,3 +150,21 @@ def test_the_ingredient_table_names_each_recipes_change_and_its_folds(tmp_path):
     assert rows[2] == "| `ref` | none (the reference) | AUC 0.600 (0.50–0.70), sens 0.500, spec 0.250 | spec 0.050 |"
     assert rows[3] == "| `eq` | gamma 0.5, equalize true | AUC 0.700 (0.60–0.80), sens 0.500, spec 0.250 | spec 0.500 |"
     assert rows[4].startswith("| `ref` | seed 4 | AUC 0.650")
+
+
+def test_the_site_blind_table_adds_each_recipes_mean_site_audit(tmp_path):
+    (tmp_path / "recipes").mkdir()
+    _recipe(tmp_path / "recipes" / "ref.toml")
+
+    def audit(negative, positive):
+        probe = lambda bacc, chance: {"balanced_accuracy": bacc, "chance": chance, "sources": {}}  # noqa: E731
+        return {"per_class": {"negative": probe(negative, 0.25), "positive": probe(positive, 0.5)}}
+
+    folds = [{"held_out": "a", "overall": {"auc": None, "sensitivity": {"value": 0.9}, "specificity": None},
+              "site_audit": audit(0.8, 0.9)},
+             {"held_out": "b", "overall": {"auc": None, "sensitivity": None, "specificity": {"value": 0.7}},
+              "site_audit": audit(0.6, 0.7)}]
+    result = {"recipe": "ref", "epochs": 2, "folds": folds, "command": "python -m train.loso --recipe recipes/ref.toml"}
+    rows = model_table.ingredient_rows(result, [], tmp_path, audit=True)
+    assert rows[0].endswith("| b held out | site audit: source probe balanced accuracy (chance) |")
+    assert rows[2].endswith("| sens 0.900 | spec 0.700 | Negative 0.70 (0.25), COVID-19 0.80 (0.50) |")

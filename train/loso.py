@@ -36,6 +36,7 @@ from covidtl.loaders import train_loader
 from covidtl.locate import DatasetUnavailableError
 from covidtl.models import PretrainedWeightsUnavailable, create_model, get_spec
 from covidtl.scan import CorruptImagesError, MissingImagesError
+from covidtl.site_audit import audit_model
 from train.run import (
     fit,
     keep_sources,
@@ -46,6 +47,7 @@ from train.run import (
     scoring_loader,
     seed_everything,
     shipped_command,
+    site_blind_setup,
 )
 
 log = logging.getLogger("train.loso")
@@ -83,7 +85,8 @@ def _fold_logits(model, pieces, caches, config, mean, std, device) -> tuple[np.n
     return np.concatenate(all_logits), np.concatenate(all_labels)
 
 
-def run_fold(source: str, config, splits, caches, runs_dir: Path, device: torch.device, show: bool) -> dict:
+def run_fold(source: str, config, splits, caches, runs_dir: Path, device: torch.device, show: bool,
+             root: Path) -> dict:
     """Train without `source`, score every image of it; the fold's JSON entry."""
     started = time.perf_counter()
     seed_everything(config.seed)
@@ -96,17 +99,24 @@ def run_fold(source: str, config, splits, caches, runs_dir: Path, device: torch.
     if len({r.label for r in kept}) < 2 or len({r.label for r in val_kept}) < 2:
         raise ValueError(f"without {source!r} the train or validation split lacks a class; this fold cannot be trained")
     model = create_model(config.backbone, pretrained=config.pretrained, mode=config.mode).to(device)
-    loader, sampler = train_loader(kept, train_dir, config, config.image_size(), mean, std, cache=caches.get("train"))
+    targets, site_blind = site_blind_setup(config, kept, root, model, device)
+    loader, sampler = train_loader(kept, train_dir, config, config.image_size(), mean, std, cache=caches.get("train"),
+                                   targets=targets)
     val_loader = scoring_loader(val_kept, val_dir, "val", caches, config, mean, std)
     run_dir = runs_dir / source
     history, best_epoch = fit(model, loader, sampler, val_loader, make_criterion(config, kept, device), config,
-                              device, run_dir, show=show)
+                              device, run_dir, show=show, site_blind=site_blind)
     model.load_state_dict(load_file(run_dir / "best.safetensors", device=str(device)))
 
     val_logits, val_labels = _fold_logits(model, [("val", val_kept, val_dir)], caches, config, mean, std, device)
     temperature = calibration.fit_temperature(val_logits, val_labels)
     threshold = metrics.choose_threshold(val_labels, calibration.positive_scores(val_logits, temperature),
                                          min_sensitivity=config.min_sensitivity)
+    # The site audit on the films of the other sources this fold did not train on (validation, test).
+    unseen = [(split, [r for r in keep_sources(records, config.train_sources, split) if r.source != source], image_dir)
+              for split, (records, image_dir) in splits.items() if split != "train"]
+    site = audit_model(model, spec.head, [(scoring_loader(records, image_dir, split, caches, config, mean, std), records)
+                                          for split, records, image_dir in unseen if records], device, seed=config.seed)
     held_out = [(split, [r for r in records if r.source == source], image_dir)
                 for split, (records, image_dir) in splits.items()]
     logits, labels = _fold_logits(model, held_out, caches, config, mean, std, device)
@@ -125,6 +135,7 @@ def run_fold(source: str, config, splits, caches, runs_dir: Path, device: torch.
         "epochs_run": len(history),
         "overall": report["overall"],
         "confusion": report["confusion"],
+        "site_audit": {"splits": [split for split, records, _ in unseen if records], **site},
         "seconds": round(time.perf_counter() - started, 1),
     }
 
@@ -156,7 +167,8 @@ def run(args: argparse.Namespace) -> dict:
     }
     for source in chosen:
         log.info("fold: hold out %s", source)
-        fold = run_fold(source, config, splits, caches, args.runs_dir / "loso" / config.name, device, args.progress)
+        fold = run_fold(source, config, splits, caches, args.runs_dir / "loso" / config.name, device, args.progress,
+                        args.data)
         overall = fold["overall"]
         log.info("held out %s: n %d (%d positive), AUC %s, sens %s, spec %s at %.4f (T %.2f), %.0f s", source,
                  fold["n"], fold["n_positive"], overall["auc"]["value"], overall["sensitivity"]["value"],

@@ -13,12 +13,16 @@ import json
 from pathlib import Path
 
 from covidtl.cards import HELD_OUT_SUFFIX
+from covidtl.classes import CLASSES, DISPLAY_NAMES
 from covidtl.config import load_recipe
 from covidtl.export import list_exported, read_card
 
 METRIC_COLUMNS = ("auc", "sensitivity", "specificity", "ppv", "npv")
 # The recipe the ingredient comparison changes one thing at a time (train/recipes/ablation/).
 INGREDIENT_REFERENCE = "efficientnet_lite0_plus"
+# The first row of the site-blind comparison on covidx-large: the default recipe of 2026-11-30
+# (plus/efficientnet_lite0_lungs) with the covidx-large epoch budget (train/recipes/large/).
+SITE_BLIND_REFERENCE = "efficientnet_lite0_lungs_large"
 
 
 def fmt(metric: dict | None) -> str:
@@ -166,17 +170,54 @@ def fold_cell(fold: dict | None) -> str:
                      for name, short in LOSO_CELLS if (overall.get(name) or {}).get("value") is not None)
 
 
-def ingredient_rows(reference: dict, results: list[dict], root: Path) -> list[str]:
+def audit_cell(audits: list[dict]) -> str:
+    """Mean over `audits` (site_audit results) of each class's probe balanced accuracy, with chance."""
+    cells = []
+    for name in CLASSES:
+        probes = [a["per_class"][name] for a in audits if "balanced_accuracy" in a.get("per_class", {}).get(name, {})]
+        if probes:
+            mean = sum(p["balanced_accuracy"] for p in probes) / len(probes)
+            chance = sum(p["chance"] for p in probes) / len(probes)
+            cells.append(f"{DISPLAY_NAMES[name]} {mean:.2f} ({chance:.2f})")
+    return ", ".join(cells) or "n/a"
+
+
+def ingredient_rows(reference: dict, results: list[dict], root: Path, audit: bool = False) -> list[str]:
     """One row per recipe: what it changes from `reference` (a `train.loso` result) and
-    each held-out source's AUC, sensitivity and specificity."""
+    each held-out source's AUC, sensitivity and specificity; with `audit`, the folds' mean
+    site-audit balanced accuracy per class (chance in brackets)."""
     sources = sorted({fold["held_out"] for result in [reference, *results] for fold in result["folds"]})
     base = recipe_of(reference, root)
-    rows = ["| recipe | change from the reference | " + " | ".join(f"{s} held out" for s in sources) + " |",
-            "|---|---|" + "---|" * len(sources)]
+    extra = ["site audit: source probe balanced accuracy (chance)"] if audit else []
+    rows = ["| recipe | change from the reference | " + " | ".join([f"{s} held out" for s in sources] + extra) + " |",
+            "|---|---|" + "---|" * (len(sources) + len(extra))]
     for result in [reference, *results]:
         folds = {fold["held_out"]: fold for fold in result["folds"]}
         cells = [fold_cell(folds.get(source)) for source in sources]
+        if audit:
+            cells.append(audit_cell([f["site_audit"] for f in result["folds"] if "site_audit" in f]))
         rows.append(f"| `{result['recipe']}` | {recipe_changes(recipe_of(result, root), base)} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def site_audit_rows(cards: list[dict]) -> list[str]:
+    """Each card's site audit (covidtl.site_audit): per class, the probe's balanced accuracy and chance."""
+    rows = ["| model | data (splits) | " + " | ".join(f"{DISPLAY_NAMES[c]}: sources (films) | balanced accuracy (chance)"
+                                                    for c in CLASSES) + " |", "|---|---|" + "---|---|" * len(CLASSES)]
+    for card in cards:
+        audit = card.get("site_audit")
+        if not audit:
+            rows.append(f"| `{card['name']}` | not audited | " + " | ".join("n/a | n/a" for _ in CLASSES) + " |")
+            continue
+        cells = []
+        for name in CLASSES:
+            probe = audit["per_class"][name]
+            if "skipped" in probe:
+                cells += [probe["skipped"], "n/a"]
+            else:
+                cells += [", ".join(f"{s} {n}" for s, n in probe["sources"].items()),
+                          f"{probe['balanced_accuracy']:.3f} ({probe['chance']:.3f})"]
+        rows.append(f"| `{card['name']}` | {audit['data']} ({', '.join(audit['splits'])}) | " + " | ".join(cells) + " |")
     return rows
 
 
@@ -227,10 +268,30 @@ def render(weights_dir: Path) -> str:
             lines += ["Recipes whose model is not shipped (the ingredient comparison's reference, below): "
                       + ", ".join(f"`{name}`" for name in unshipped) + "."]
         lines += [""] + loso_rows(loso)
+    if any(card.get("site_audit") for card in cards):
+        lines += ["", "## Does a model know the hospital? (site-shortcut audit)", "",
+                  "`python -m train.site_audit`: a linear probe on each model's penultimate features, cross-validated",
+                  "by patient, predicts each film's source within one class, on films the model did not train on",
+                  "(`covidtl/site_audit.py`). Balanced accuracy near chance: the features carry little of the",
+                  "hospital; far above it: the model can tell the hospitals apart, and may be flagging the site.",
+                  ""]
+        lines += site_audit_rows(cards)
     ablation = read_loso(Path(weights_dir) / "ablation")
+    large_reference = next((r for r in [*loso, *ablation] if r["recipe"] == SITE_BLIND_REFERENCE), None)
+    if large_reference:
+        others = [r for r in [*loso, *ablation] if r["data"] == large_reference["data"] and r is not large_reference]
+        lines += ["", "## Site-blind comparison (covidx-large)", "",
+                  f"Each recipe of `train/recipes/large/` through the same folds of {large_reference['data']}",
+                  f"(`python -m train.loso`, each result's command in its JSON), against `{SITE_BLIND_REFERENCE}`, the",
+                  "default recipe of covidx-plus with the same epoch budget (first row). AUC where the held-out source",
+                  "has both classes; otherwise the one rate it allows, at the fold's own threshold (chosen on the",
+                  "validation split without that source). Last column: each fold's site audit on the validation and",
+                  "test films of the sources it trained on, averaged over folds (chance in brackets).", ""]
+        lines += ingredient_rows(large_reference, others, Path(weights_dir).resolve().parent, audit=True)
     reference = next((r for r in loso if r["recipe"] == INGREDIENT_REFERENCE), None)
+    ablation = [r for r in ablation if reference and r["data"] == reference["data"]]
     if reference and ablation:
-        shipped = [r for r in loso if r["recipe"] != INGREDIENT_REFERENCE]
+        shipped = [r for r in loso if r["recipe"] != INGREDIENT_REFERENCE and r["data"] == reference["data"]]
         lines += ["", "## Ingredient comparison", "",
                   "What makes a model hold up at a new site, decided by leave-one-source-out validation: each recipe",
                   "in `train/recipes/ablation/`, and each shipped one above, is the reference recipe",
@@ -250,7 +311,9 @@ def render(weights_dir: Path) -> str:
         lines += [
             f"### `{card['name']}`",
             "",
-            f"- Command: `{card['command']}`",
+            f"- Command: `{card['command']}`"
+            + (f" ({card['wall_seconds'] / 60:.1f} min on {card.get('hardware', 'an unrecorded machine')})"
+               if card.get("wall_seconds") is not None else ""),
             f"- Initialisation: {card['initialisation']}",
             f"- Data: {data['name']} — {splits}",
             "- Sources: " + "; ".join(f"{s}: {v['description']} ({v['population']}; license {v['license']})"

@@ -31,7 +31,9 @@ from covidtl.cache import ImageCache, default_cache_dir, ensure_cache
 from covidtl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from covidtl.config import CACHE, CROP, EXPORT_ONLY, TrainConfig, load_recipe
 from covidtl.data import class_weights
+from covidtl.findings import FINDINGS, METADATA, UNKNOWN, finding_targets
 from covidtl.engine import predict_logits, predict_scores, train_one_epoch
+from covidtl.classes import CLASSES
 from covidtl.evaluation import report_with_plots
 from covidtl.export import CardError, atomic_save_tensors, atomic_write_json, export_model, sha256_file, unwrap
 from covidtl.labels import LabelFileError, parse_label_file, split_paths
@@ -40,6 +42,8 @@ from covidtl.locate import KAGGLE_HANDLE, DatasetUnavailableError, resolve_datas
 from covidtl.models import PretrainedWeightsUnavailable, count_parameters, create_model, get_spec, list_models
 from covidtl.provenance import shortcut_warnings, source_table, split_summary
 from covidtl.scan import CorruptImagesError, MissingImagesError, check_images, scan_images, skip_corrupt
+from covidtl.site_audit import audit_model
+from covidtl.site_blind import SiteBlindHeads, feature_width, source_targets
 from covidtl.stats import compute_stats
 
 log = logging.getLogger("train")
@@ -298,6 +302,13 @@ def package_versions() -> dict[str, str]:
     }
 
 
+def hardware(device: torch.device) -> str:
+    """What the run ran on, for the card: the GPU's name, or the CPU core count."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} ({torch.cuda.device_count()} visible)"
+    return f"CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
 # Options naming folders of the machine that trained: left out of the card's command.
 MACHINE_FOLDER_OPTIONS = ("--cache-dir", "--runs-dir", "--weights-dir")
 
@@ -328,6 +339,28 @@ def finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
+def site_blind_setup(config: TrainConfig, records, root: Path, model: nn.Module,
+                     device: torch.device) -> tuple[np.ndarray | None, SiteBlindHeads | None]:
+    """(targets int64 [N, 2], heads) of a site-blind recipe's training `records` (adversary or
+    auxiliary > 0; covidtl.site_blind), or (None, None): the source within each class, and the
+    finding from `root`'s metadata.csv and file names (covidtl.findings)."""
+    if config.adversary == 0 and config.auxiliary == 0:
+        return None, None
+    sources, by_class = source_targets(records)
+    findings = finding_targets(records, root)
+    if config.adversary > 0 and not by_class:
+        raise ValueError("adversary > 0 needs a class with films from two or more sources; every class here has one")
+    if config.auxiliary > 0 and len(set(findings.tolist()) - {UNKNOWN}) < 2:
+        raise ValueError(f"auxiliary > 0 needs films of two or more findings; {root / METADATA} and the file names "
+                         "give fewer (see covidtl.findings)")
+    log.info("site-blind: source heads for %s; findings known for %d of %d films (%s)",
+             {CLASSES[c]: s for c, s in by_class.items()}, int((findings != UNKNOWN).sum()), len(records),
+             ", ".join(f"{name} {int((findings == i).sum())}" for i, name in enumerate(FINDINGS)))
+    heads = SiteBlindHeads(feature_width(model, get_spec(config.backbone).head), by_class, config.adversary,
+                           config.auxiliary)
+    return np.stack([sources, findings], axis=1), heads.to(device)
+
+
 def make_criterion(config: TrainConfig, train_records, device: torch.device) -> nn.Module:
     """Cross entropy, class-weighted when the recipe balances by loss, with the recipe's label smoothing."""
     weight = class_weights(np.array([r.label for r in train_records])).to(device) if config.balance == "loss" else None
@@ -347,16 +380,22 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
 
 def fit(model: nn.Module, loader, sampler, val_loader, criterion: nn.Module, config: TrainConfig,
         device: torch.device, run_dir: Path, resume: bool = False, main_process: bool = True, show: bool = False,
-        use_amp: bool = False, channels_last: bool = False) -> tuple[list[dict], int]:
+        use_amp: bool = False, channels_last: bool = False,
+        site_blind: SiteBlindHeads | None = None) -> tuple[list[dict], int]:
     """The epoch loop: Adam, the recipe's learning-rate schedule, early stopping after
     `config.early_stopping_patience` epochs without a gain. Keeps the best epoch's weights in
     `run_dir/best.safetensors` (with `keep_epoch = "last"`, every epoch counts as the best, so
     the last is kept and nothing stops early) and a resumable checkpoint in `run_dir/last`
     (main process).
     Returns (history: one dict per epoch, best epoch, 1-based); the model ends with the last
-    epoch's weights. Used by `python -m train` and by `python -m train.loso`."""
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.lr,
-                                 weight_decay=config.weight_decay)
+    epoch's weights. Used by `python -m train` and by `python -m train.loso`. `site_blind`: the
+    training-only heads of a site-blind recipe (`site_blind_setup`), trained with the model."""
+    if resume and site_blind is not None:
+        raise CheckpointError("a site-blind run (adversary or auxiliary > 0) cannot resume: its training-only heads "
+                              "are not in the checkpoint; start it again without --resume")
+    params = [p for p in model.parameters() if p.requires_grad]
+    params += list(site_blind.parameters()) if site_blind is not None else []
+    optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = make_scheduler(optimizer, config)
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
     if main_process:
@@ -385,7 +424,7 @@ def fit(model: nn.Module, loader, sampler, val_loader, criterion: nn.Module, con
         bar = lambda it: tqdm(it, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, disable=not show)  # noqa: E731
         row = {"epoch": epoch + 1}
         row |= train_one_epoch(model, loader, optimizer, criterion, device, scaler, channels_last, progress=bar,
-                               mixup=config.mixup)
+                               mixup=config.mixup, site_blind=site_blind, head=get_spec(config.backbone).head)
         scores, labels, val_loss = predict_scores(model, val_loader, device, criterion, use_amp, channels_last)
         val = metrics.binary_metrics(labels, scores, threshold=0.5)
         if config.lr_schedule == "plateau":
@@ -422,6 +461,7 @@ def fit(model: nn.Module, loader, sampler, val_loader, criterion: nn.Module, con
 
 
 def run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
     overrides = {
         "name": args.name, "backbone": args.backbone, "epochs": args.epochs, "batch_size": args.batch_size,
         "num_workers": args.num_workers, "lr": args.lr, "seed": args.seed, "pretrained": args.pretrained,
@@ -456,8 +496,9 @@ def run(args: argparse.Namespace) -> int:
              ", ".join(f"{s} {len(r)}" for s, (r, _) in splits.items()),
              [round(m, 4) for m in mean], [round(s, 4) for s in std], norm_source)
 
+    targets, site_blind = site_blind_setup(config, train_records, root, model, device)
     loader, sampler = train_loader(train_records, train_dir, config, config.image_size(), mean, std, rank, world_size,
-                                   cache=caches.get("train"))
+                                   cache=caches.get("train"), targets=targets)
     loaders = {  # val and test: scored in record order (train is scored by training itself)
         split: scoring_loader(records, image_dir, split, caches, config, mean, std)
         for split, (records, image_dir) in splits.items() if split != "train"
@@ -474,14 +515,14 @@ def run(args: argparse.Namespace) -> int:
     run_dir = args.runs_dir / config.name
     history, best_epoch = fit(model, loader, sampler, loaders["val"], criterion, config, device, run_dir,
                               resume=args.resume, main_process=main_process, show=show, use_amp=use_amp,
-                              channels_last=channels_last)
+                              channels_last=channels_last, site_blind=site_blind)
 
     if world_size > 1:
         dist.barrier()  # rank 0 has written best.safetensors
     unwrap(model).load_state_dict(load_file(run_dir / "best.safetensors", device=str(device)))
     final = evaluate_and_export(model, config, args, root, splits, loaders, mean, std, norm_source, history,
                                 best_epoch, device, use_amp, channels_last, write=main_process,
-                                lung_weights=lung_weights, caches=caches)
+                                lung_weights=lung_weights, caches=caches, started=started)
     log.info("rank %d/%d final: threshold %.4f, test %s", rank, world_size, final["threshold"], final["summary"])
     if world_size > 1:
         dist.destroy_process_group()
@@ -490,7 +531,7 @@ def run(args: argparse.Namespace) -> int:
 
 def evaluate_and_export(model, config, args, root, splits, loaders, mean, std, norm_source, history, best_epoch,
                         device, use_amp, channels_last, write: bool, lung_weights: Path | None = None,
-                        caches: dict | None = None) -> dict:
+                        caches: dict | None = None, started: float | None = None) -> dict:
     """Temperature on val, threshold on calibrated val scores, reports on val/test
     (`loaders`), plots, card, export (when `write`)."""
     spec = get_spec(config.backbone)
@@ -541,6 +582,9 @@ def evaluate_and_export(model, config, args, root, splits, loaders, mean, std, n
     lung_masks = audit_lung_masks(config, args, splits[eval_split], config.image_size(), lung_weights)
     audit = cam_audit(unwrap(model), spec.cam_layer, loaders[eval_split], scores[eval_split][2], device=device,
                       progress=bar, lung_masks=lung_masks)
+    audit_splits = [split for split in ("val", "test") if split in loaders]  # films it did not train on
+    site = audit_model(unwrap(model), spec.head, [(loaders[split], splits[split][0]) for split in audit_splits], device,
+                       seed=config.seed)
     train_records = splits["train"][0]
     all_sources = [r.source for records, _ in splits.values() for r in records]
     label_files = {split: split_paths(root, split)[0] for split in splits}
@@ -565,6 +609,7 @@ def evaluate_and_export(model, config, args, root, splits, loaders, mean, std, n
         "metrics": reports,
         "evaluated_on": eval_split,
         "shortcut_audit": {"split": eval_split, **audit},
+        "site_audit": {"data": root.name, "splits": audit_splits, **site},
         **({"lung_crop": lung_crop_card(lung_weights, caches or {})} if lung_weights is not None else {}),
         "best_epoch": best_epoch,
         "epochs_run": len(history),
@@ -587,6 +632,9 @@ def evaluate_and_export(model, config, args, root, splits, loaders, mean, std, n
         "versions": package_versions(),
         "command": shipped_command(sys.argv[1:]),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        # The whole command's wall time (data checks, caches, training, evaluation, export) and where it ran.
+        **({"wall_seconds": round(time.perf_counter() - started, 1)} if started is not None else {}),
+        "hardware": hardware(device),
     }
     dtype = torch.float16 if config.weights_dtype == "float16" else torch.float32
     path = export_model(unwrap(model).cpu(), card, weights_dir, dtype=dtype)
