@@ -42,6 +42,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--on-missing", choices=("error", "skip"), default="error")
     p.add_argument("--on-corrupt", choices=("error", "skip"), default="error")
+    p.add_argument("--lung-weights", type=Path, help="lung model for a lung-crop model (default: the shipped one)")
+    p.add_argument("--cache-dir", type=Path, help="where the lung-crop image cache lives (default: $COVIDTL_CACHE)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     return p.parse_args(argv)
@@ -53,9 +55,18 @@ def evaluate(args: argparse.Namespace) -> dict:
     label_file, image_dir = split_paths(args.data, args.split)
     records = check_images(parse_label_file(label_file), image_dir, on_missing=args.on_missing)
     records = scan_images(records, image_dir, on_corrupt=args.on_corrupt)
+    cache = None
+    if card.get("lung_crop"):  # cut each film to its lungs as in training and in the app (the cache build does it)
+        from covidtl.cache import ensure_cache
+        from covidtl.lungs import default_lung_weights
+
+        bar = lambda it: tqdm(it, desc="lung crop", leave=False, disable=not args.progress)  # noqa: E731
+        cache = ensure_cache(records, image_dir, label_file, args.cache_dir, card["input_size"],
+                             card.get("crop_fraction", 0.9), progress=bar,
+                             lung_weights=args.lung_weights or default_lung_weights())
     loader = eval_loader(records, image_dir, card["input_size"], card["mean"], card["std"],
                          card.get("crop_fraction", 0.9), batch_size=args.batch_size, num_workers=args.num_workers,
-                         equalize=bool(card.get("equalize", False)))
+                         cache=cache, equalize=bool(card.get("equalize", False)))
     bar = lambda it: tqdm(it, desc=f"scoring {args.split}", disable=not args.progress)  # noqa: E731
     # calibrated P(COVID-19), softmax(logits / T): the scores the card's threshold applies to
     scores, labels, _ = predict_scores(model, loader, device, progress=bar, temperature=card_temperature(card))
