@@ -1,63 +1,57 @@
-"""One decision per image, shown one way everywhere (app headline, Compare table, API).
+"""One decision per image, in the same words everywhere (app, API, batch command).
 
-A model's answer is its decision at its own operating threshold (from its card):
-`POSITIVE_NAME` ("COVID-19") when P(COVID-19) >= threshold, else "Negative". The larger
-class is never the headline: a film at P = 0.34 with threshold 0.336 is flagged. When the
-input check (`covidtl.scope`) refuses an image there is no decision at all: the label is
-`OUT_OF_SCOPE` and no confidences are given.
+A model's answer is its decision at its own operating threshold (from its card): the film
+is `FLAGGED` when P(COVID-19) >= threshold, else `NOT_FLAGGED`. The larger class is never
+the answer: a film at P = 0.10 under a threshold of 0.075 is flagged. When the input check
+(`covidtl.scope`) refuses an image there is no decision and no probability: the answer is
+`OUT_OF_SCOPE`, with the reason.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from covidtl.classes import CLASSES, DISPLAY_NAMES, POSITIVE, POSITIVE_NAME
+from covidtl.classes import POSITIVE_NAME
 from covidtl.inference import Prediction
 
+FLAGGED = f"Flagged for {POSITIVE_NAME} review"
+NOT_FLAGGED = "Not flagged"
 OUT_OF_SCOPE = "Out of scope"
-NEGATIVE_NAME: str = DISPLAY_NAMES[CLASSES[1 - POSITIVE]]  # "Negative"
-LABELS = (POSITIVE_NAME, NEGATIVE_NAME, OUT_OF_SCOPE)  # every label the app can show
+OUTCOMES = (FLAGGED, NOT_FLAGGED, OUT_OF_SCOPE)  # every answer there is
 
 
 def decision_label(prediction: Prediction | None) -> str:
-    """"COVID-19" or "Negative" at the prediction's threshold; "Out of scope" for None
+    """`FLAGGED` or `NOT_FLAGGED` at the prediction's threshold; `OUT_OF_SCOPE` for None
     (the input check refused the image, so no model was asked)."""
     if prediction is None:
         return OUT_OF_SCOPE
-    return POSITIVE_NAME if prediction.decision else NEGATIVE_NAME
+    return FLAGGED if prediction.decision else NOT_FLAGGED
 
 
-def label_data(prediction: Prediction | None) -> dict[str, Any]:
-    """The gr.Label payload {"label", "confidences"}: the label is the decision (not the
-    larger class); confidences (display name -> probability, largest first) are given only
-    when there is a decision."""
-    if prediction is None:
-        return {"label": OUT_OF_SCOPE, "confidences": []}
-    ranked = sorted(prediction.probabilities.items(), key=lambda item: item[1], reverse=True)
-    return {
-        "label": decision_label(prediction),
-        "confidences": [{"label": DISPLAY_NAMES[name], "confidence": p} for name, p in ranked],
-    }
+def shown_digits(p: float, threshold: float, least: int = 3, most: int = 6) -> int:
+    """Decimals that show `p` and `threshold` apart: `least`, or more when they would read the
+    same (P = 0.50155 under a threshold of 0.50210 reads "0.502 below 0.502" at 3 decimals)."""
+    digits = least
+    while digits < most and f"{p:.{digits}f}" == f"{threshold:.{digits}f}" and p != threshold:
+        digits += 1
+    return digits
 
 
-def probability_text(prediction: Prediction) -> str:
-    """P(COVID-19) with the threshold it is compared with, e.g. "0.341 (threshold 0.336)"."""
-    return f"{prediction.p_positive:.3f} (threshold {prediction.threshold:.3f})"
-
-
-def decision_markdown(model_name: str, prediction: Prediction | None, reason: str = "") -> str:
-    """The decision in words; for a refused image (`prediction` None), why it was refused."""
-    if prediction is None:
-        return (
-            f"**{OUT_OF_SCOPE}: no decision.** {reason} The models were trained on frontal chest X-rays "
-            "only, so their output on this image would mean nothing; it was not classified."
-        )
-    p, t = prediction.p_positive, prediction.threshold
-    relation = "at or above" if prediction.decision else "below"
-    return (
-        f"**{decision_label(prediction)}** by `{model_name}`: P({POSITIVE_NAME}) = {p:.3f} is {relation} "
-        f"the model's operating threshold {t:.3f}. A research model's output, not a diagnosis."
+def threshold_note(min_sensitivity: float | None, calibrated: bool) -> str:
+    """What a model's threshold is and what its P means, in one sentence, for a card whose
+    recipe chose the threshold for validation sensitivity >= `min_sensitivity` (None when
+    the card does not say) and whose P is `calibrated` (the card has a temperature)."""
+    chosen = (
+        f"chosen on validation films for sensitivity ≥ {min_sensitivity:.2f} (the most specific such threshold)"
+        if min_sensitivity is not None
+        else "taken from the model's card"
     )
+    p = (
+        f"P({POSITIVE_NAME}) is calibrated (temperature scaling on validation films)"
+        if calibrated
+        else f"P({POSITIVE_NAME}) is the model's plain softmax output (its card has no calibration)"
+    )
+    return f"Threshold {chosen}; {p}."
 
 
 # --------------------------------------------------------------------------- which models

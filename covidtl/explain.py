@@ -13,6 +13,7 @@ does this with its lock.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -20,21 +21,33 @@ import numpy as np
 import torch
 from matplotlib import colormaps
 from PIL import Image
-from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus, LayerCAM, XGradCAM
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 from covidtl.classes import CLASSES, POSITIVE
 
+# Method name -> class name in `pytorch_grad_cam`, imported on first use: the package pulls
+# in scikit-learn and OpenCV, seconds an app's start would otherwise wait for.
 # Score-CAM and Ablation-CAM are left out: they run hundreds of forward passes per map.
-CAM_METHODS: dict[str, type] = {
-    "Grad-CAM": GradCAM,
-    "Grad-CAM++": GradCAMPlusPlus,
-    "XGrad-CAM": XGradCAM,
-    "Layer-CAM": LayerCAM,
-    "Eigen-CAM": EigenCAM,  # class-agnostic: first principal component of the activations
+CAM_METHODS: dict[str, str] = {
+    "Grad-CAM": "GradCAM",
+    "Grad-CAM++": "GradCAMPlusPlus",
+    "XGrad-CAM": "XGradCAM",
+    "Layer-CAM": "LayerCAM",
+    "Eigen-CAM": "EigenCAM",  # class-agnostic: first principal component of the activations
 }
 DEFAULT_METHOD = "Grad-CAM"
+
+
+def check_method(method: str) -> None:
+    """Raise ValueError unless `method` is a key of `CAM_METHODS`."""
+    if method not in CAM_METHODS:
+        raise ValueError(f"unknown CAM method {method!r}; choose from {list(CAM_METHODS)}")
+
+
+def cam_class(method: str) -> type:
+    """The `pytorch_grad_cam` class of `method` (a key of `CAM_METHODS`)."""
+    check_method(method)
+    return getattr(importlib.import_module("pytorch_grad_cam"), CAM_METHODS[method])
 
 
 @contextmanager
@@ -82,8 +95,7 @@ def explain(
         float32 array [S, S] in [0, 1]; 1 marks the regions that raised the class score
         most. Not thread-safe on a shared model (see the module docstring).
     """
-    if method not in CAM_METHODS:
-        raise ValueError(f"unknown CAM method {method!r}; choose from {list(CAM_METHODS)}")
+    cam = cam_class(method)
     if not 0 <= class_index < len(CLASSES):
         raise ValueError(f"class_index {class_index} is out of range for CLASSES {CLASSES}")
     if input_tensor.dim() == 3:
@@ -92,15 +104,17 @@ def explain(
         raise ValueError(f"explain takes one image [1, 3, S, S]; got shape {tuple(input_tensor.shape)}")
     layer = model.get_submodule(target_layer)
 
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
     heatmap = None
     # grad-cam's __exit__ prints and swallows IndexError, so `heatmap` is checked after.
     # Left to right: the cut's hook is registered before the CAM's.
     with (
         torch.enable_grad(),
         _gradients_from(model, layer),
-        CAM_METHODS[method](model=model, target_layers=[layer]) as cam,
+        cam(model=model, target_layers=[layer]) as hooked,
     ):
-        heatmap = cam(input_tensor=input_tensor, targets=[ClassifierOutputTarget(class_index)])[0]
+        heatmap = hooked(input_tensor=input_tensor, targets=[ClassifierOutputTarget(class_index)])[0]
     if heatmap is None:
         raise RuntimeError(f"{method} produced no map for layer {target_layer!r}")
     return np.clip(np.nan_to_num(heatmap.astype(np.float32)), 0.0, 1.0)

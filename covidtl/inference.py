@@ -7,6 +7,8 @@
   because CAM hooks on a shared model would otherwise catch other threads' passes.
 - `ModelStore` is a folder of exported models: cards are read at once, weights on first
   use, then reused. `load_predictors` loads a whole folder eagerly.
+- `LoadOnce` holds anything else that is loaded on first use (the input check, the lung
+  model), so that starting an app loads nothing and concurrent first requests share one load.
 
 Only ``.safetensors`` weights with a JSON card are ever loaded; pickles are ignored.
 """
@@ -17,9 +19,10 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import numpy as np
 import torch
@@ -39,6 +42,7 @@ if TYPE_CHECKING:
     from covidtl.lungs import LungCrop
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MAX_UPLOAD_BYTES = 50 * 2**20
 MAX_PIXELS = 50_000_000  # about 7000 x 7000; real chest X-rays are under 20 megapixels
@@ -420,3 +424,29 @@ def load_predictors(weights_dir: str | Path, device: str | torch.device = "cpu")
     Broken cards or weights are logged and skipped; pickled checkpoints are never loaded.
     """
     return ModelStore(weights_dir, device).load_all()
+
+
+class LoadOnce(Generic[T]):
+    """A value made by `load()` on the first `get()`, then reused. Threads that ask while it
+    is being made wait for that one load instead of starting their own; a load that raises
+    is not kept, so the next `get()` tries again (and raises again if nothing changed)."""
+
+    def __init__(self, load: Callable[[], T]) -> None:
+        self._load = load
+        self._lock = threading.Lock()
+        self._value: T
+        self._loaded = False
+
+    @property
+    def loaded(self) -> bool:
+        """True once a load has finished (without waiting for one in progress)."""
+        return self._loaded
+
+    def get(self) -> T:
+        if self._loaded:  # the common case, after the first request: no lock to take
+            return self._value
+        with self._lock:
+            if not self._loaded:
+                self._value = self._load()
+                self._loaded = True
+            return self._value

@@ -118,11 +118,22 @@ def lung_input(images: Sequence[Image.Image], size: int = LUNG_INPUT_SIZE) -> to
 
 
 @torch.inference_mode()
+def lung_logits(model: nn.Module, image: Image.Image) -> np.ndarray:
+    """float32 [S, S] (S = `LUNG_INPUT_SIZE`): the lung logits of `image` squashed to the
+    network's input, from `model` in eval mode; > 0 is lung."""
+    return model(lung_input([image]))[0, 0].numpy()
+
+
+@torch.inference_mode()
+def mask_from_logits(logits: np.ndarray, height: int, width: int) -> np.ndarray:
+    """bool [height, width]: `lung_logits` brought back to the image's own size (bilinear), > 0."""
+    full = F.interpolate(torch.from_numpy(logits)[None, None], size=(height, width), mode="bilinear", align_corners=False)
+    return (full[0, 0] > 0).numpy()
+
+
 def segment(model: nn.Module, image: Image.Image) -> np.ndarray:
     """bool [H, W]: the lungs in `image` (H x W its own size), from `model` in eval mode."""
-    logits = model(lung_input([image]))
-    logits = F.interpolate(logits, size=(image.height, image.width), mode="bilinear", align_corners=False)
-    return (logits[0, 0] > 0).numpy()
+    return mask_from_logits(lung_logits(model, image), image.height, image.width)
 
 
 # --- mask checks, boxes, outlines ---------------------------------------------------
@@ -211,27 +222,32 @@ def outline(mask: np.ndarray, thickness: int = 1) -> np.ndarray:
 @dataclass(frozen=True)
 class LungCrop:
     """`crop_to_lungs`'s result: the image to classify, the box cut (None if kept
-    whole), and the mask check (its reason says why an image was kept whole)."""
+    whole), the mask check (its reason says why an image was kept whole), and the lung
+    model's logits for the whole image (float32 [S, S] at the network's input size, > 0 is
+    lung; None when made without them), which `covidtl.scope.lung_field_reason` reads."""
 
     image: Image.Image
     box: tuple[int, int, int, int] | None
     check: MaskCheck
+    logits: np.ndarray | None = None
 
 
 def crop_to_lungs(image: Image.Image, model: nn.Module, margin: float = CROP_MARGIN) -> LungCrop:
     """Crop `image` to its lungs' bounding box plus `margin`; keep it whole when the
     predicted mask is implausible. The one function both the image cache build and the
     Predictor call, so that inference sees what training saw."""
-    check = check_mask(segment(model, image))
+    logits = lung_logits(model, image)
+    check = check_mask(mask_from_logits(logits, image.height, image.width))
     if not check.plausible:
-        return LungCrop(image, None, check)
+        return LungCrop(image, None, check, logits)
     box = lung_box(check.lungs, margin)
-    return LungCrop(image.crop(box), box, check)
+    return LungCrop(image.crop(box), box, check, logits)
 
 
 def locate_lungs(image: Image.Image, model: nn.Module) -> LungCrop:
     """`image` kept whole, with its lung mask check (for audits of uncropped models)."""
-    return LungCrop(image, None, check_mask(segment(model, image)))
+    logits = lung_logits(model, image)
+    return LungCrop(image, None, check_mask(mask_from_logits(logits, image.height, image.width)), logits)
 
 
 def lungs_in_view(lung_crop: LungCrop, input_size: int, crop_fraction: float) -> np.ndarray | None:

@@ -29,12 +29,15 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from PIL import Image
 from safetensors.numpy import load_file, save_file
+
+if TYPE_CHECKING:
+    from covidtl.lungs import LungCrop
 
 log = logging.getLogger(__name__)
 
@@ -371,3 +374,93 @@ def gate_for(weights_dir: str | Path) -> ScopeGate:
         return load_gate(folder)
     log.warning("no fitted input check in %s: only colour and near-uniform images will be refused", folder)
     return ScopeGate()
+
+
+
+# --------------------------------------------------------------------------- lung fields
+
+LUNG_FIELD_REASON = "no two lung fields: not a frontal chest X-ray"
+# Thresholds chosen on covidx-large, covidx-plus and the lateral views of covidx-mini (and
+# those laterals flipped, rotated, cropped): `python -m train.scope lungs`, whose figures
+# are in weights/scope/lung_fields.json. All areas are fractions of the image.
+FIELD_MIN_FRACTION = 0.005  # a region smaller than this is a speck, not a lung field
+FIELD_MIN_RATIO = 0.05  # smaller field / larger: one lung may be mostly whited out
+FIELD_MAX_X_OVERLAP = 0.25  # the fields' columns overlap at most this share of the narrower
+FIELD_MIN_Y_OVERLAP = 0.6  # and their rows at least this share of the shorter
+SPLIT_LOGITS = (1.0, 2.0, 3.0, 4.0)  # stricter lung logits at which merged lungs may part (5 lets a lateral in)
+SPLIT_MIN_RATIO = 0.5  # lungs that parted there are alike in size
+SPLIT_MAX_AREA = 0.45  # and were one region of at most this area (zoomed laterals are larger)
+
+
+@dataclass(frozen=True)
+class FieldPair:
+    """The two largest regions of a lung mask: how many lung-sized regions it has, and,
+    when two or more, the smaller's area over the larger's and how their boxes overlap."""
+
+    regions: int
+    ratio: float = 0.0
+    x_overlap: float = 1.0  # shared columns / the narrower region's width
+    y_overlap: float = 0.0  # shared rows / the shorter region's height
+
+    def side_by_side(self, min_ratio: float) -> bool:
+        return (
+            self.regions >= 2
+            and self.ratio >= min_ratio
+            and self.x_overlap <= FIELD_MAX_X_OVERLAP
+            and self.y_overlap >= FIELD_MIN_Y_OVERLAP
+        )
+
+
+def field_pair(mask: np.ndarray) -> FieldPair:
+    """The `FieldPair` of a bool mask [H, W] (8-connected regions)."""
+    import cv2
+
+    count, _, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    big = [int(i) + 1 for i in np.argsort(-areas, kind="stable") if areas[i] >= FIELD_MIN_FRACTION * mask.size]
+    if len(big) < 2:
+        return FieldPair(len(big))
+    (x0, y0, w0, h0, a0), (x1, y1, w1, h1, a1) = stats[big[0]], stats[big[1]]
+    shared_x = max(0, min(x0 + w0, x1 + w1) - max(x0, x1))
+    shared_y = max(0, min(y0 + h0, y1 + h1) - max(y0, y1))
+    return FieldPair(len(big), a1 / a0, shared_x / min(w0, w1), shared_y / min(h0, h1))
+
+
+def field_reason(logits: np.ndarray) -> str | None:
+    """None when lung logits (float [S, S], > 0 is lung) show two lung fields, else why not.
+
+    Two lung fields: the mask's two largest regions (each at least `FIELD_MIN_FRACTION`
+    of the image, the smaller at least `FIELD_MIN_RATIO` of the larger) lie side by side:
+    their columns barely overlap, their rows mostly do. Lungs that the mask joins across
+    the mediastinum count too, when the joined region (at most `SPLIT_MAX_AREA`) parts into
+    two side-by-side fields alike in size (`SPLIT_MIN_RATIO`) at a stricter logit in
+    `SPLIT_LOGITS`: the mediastinum is less lung-like than either lung. A lateral view
+    shows one lung field (both lungs overlap), as does a film of another body part, or none.
+    Looser than `covidtl.lungs.check_mask` (no total-area band, any size ratio over 0.05),
+    so that frontal films with a whited-out lung stay in scope.
+    """
+    mask = logits > 0
+    pair = field_pair(mask)
+    if pair.side_by_side(FIELD_MIN_RATIO):
+        return None
+    if pair.regions == 1 and mask.mean() <= SPLIT_MAX_AREA:
+        for level in SPLIT_LOGITS:
+            if field_pair(logits > level).side_by_side(SPLIT_MIN_RATIO):
+                return None
+    if pair.regions < 2:
+        return f"{LUNG_FIELD_REASON} ({pair.regions} lung-sized component{'' if pair.regions == 1 else 's'})"
+    if pair.ratio < FIELD_MIN_RATIO:
+        return f"{LUNG_FIELD_REASON} (the second lung-sized component is {pair.ratio:.2f} of the first's area)"
+    return f"{LUNG_FIELD_REASON} (the two largest components are not side by side)"
+
+
+def lung_field_reason(lung_crop: LungCrop) -> str | None:
+    """None when the lung model found two plausible lung fields in the film of
+    `lung_crop` (from `covidtl.lungs.crop_to_lungs` or `locate_lungs`), else the reason it
+    is not a frontal chest X-ray, e.g. "no two lung fields: not a frontal chest X-ray
+    (1 lung-sized component)". See `field_reason` for the rule."""
+    if lung_crop.logits is None:
+        raise ValueError(
+            "this LungCrop carries no lung logits; make it with covidtl.lungs.crop_to_lungs or locate_lungs"
+        )
+    return field_reason(lung_crop.logits)

@@ -133,6 +133,25 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
+@pytest.fixture(scope="module")
+def unrendered_plots():
+    """For the modules whose training runs check no figure: covidtl.plots still builds every
+    figure a run makes, but writes an empty PNG instead of rasterizing it, which is about half
+    the time of a tiny training run (matplotlib's layout and rendering of 8 figures). The
+    figures themselves are checked in tests/test_plots.py and tests/test_train_cli.py."""
+    from covidtl import plots
+
+    def unrendered(fig, path: Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+        return path
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(plots, "_save", unrendered)
+        yield
+
+
 @pytest.fixture
 def seeded():
     """Seed torch for one test without changing the RNG state other tests see."""

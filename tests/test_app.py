@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import gradio as gr
@@ -31,13 +33,12 @@ from synthetic_inputs import (
 
 import app
 from covidtl import cards
-from covidtl.classes import DISPLAY_NAMES
-from covidtl.decision import OUT_OF_SCOPE
+from covidtl.answer import Answer, ModelFolder
+from covidtl.decision import FLAGGED, NOT_FLAGGED, OUT_OF_SCOPE, decision_label, shown_digits
 from covidtl.inference import ModelStore, Prediction, load_upload
 from covidtl.scope import ScopeGate
 
 ROOT = Path(__file__).resolve().parents[1]
-LABELS = set(DISPLAY_NAMES.values())
 CHEAP = ScopeGate()  # the input check without a fitted distance: colour and near-uniform images only
 
 FULL_REPORT = {
@@ -92,8 +93,8 @@ SEED_1 = {**HELD_OUT, "seed": 1, "command": "python -m train.loso --seed 1", "fo
     {**HELD_OUT["folds"][1], "overall": {"specificity": {"value": 0.4, "ci_low": 0.3, "ci_high": 0.5}}}]}
 EPOCHS_9 = {**SEED_1, "epochs": 9, "folds": [
     {**HELD_OUT["folds"][0], "overall": {"auc": {"value": 0.99, "ci_low": 0.9, "ci_high": 1.0}}}]}
-SITE_SUMMARY = ("siteA AUC 0.700, sensitivity 0.900, specificity 0.300 (other seeds: AUC 0.650); "
-                "siteB specificity 0.420 (other seeds: specificity 0.400).")
+HELD_OUT_ROWS = ("| siteA | 40 (10) | 0.700 | 0.900 | 0.300 | AUC 0.650 |",
+                 "| siteB | 50 (0) | n/a | n/a | 0.420 | specificity 0.400 |")
 
 
 @pytest.fixture(scope="module")
@@ -173,44 +174,89 @@ def client(served) -> Client:
 
 
 def test_classify_handler(store, images):
-    label, decision, original, heatmap, timing, state = app.classify(
+    answer, scale, decision, held_out, original, heatmap, timing, state = app.classify(
         store, CHEAP, str(images["png"]), "always", "Grad-CAM", 0.5
     )
-    confidences = {c["label"]: c["confidence"] for c in label["confidences"]}
-    assert set(confidences) == LABELS and sum(confidences.values()) == pytest.approx(1.0)
-    assert label["label"] == "COVID-19"  # threshold 0: flagged whichever class is larger
-    assert decision.startswith("**COVID-19** by `always`") and "threshold 0.000" in decision
+    expected = store.get("always").predict(load_upload(images["png"])).p_positive
+    assert answer["decision"] == FLAGGED  # threshold 0: flagged whichever class is larger
+    assert answer["p_covid"] == pytest.approx(expected, abs=1e-6) and answer["threshold"] == 0.0
+    assert answer["model"] == "always" and answer["reason"] is None and answer["in_scope"]
+    assert decision.startswith(f"**{FLAGGED}** by `always`") and "threshold 0.000" in decision
+    assert FLAGGED in scale and "threshold 0.000" in scale and "ps-is-flagged" in scale
+    assert "no leave-one-source-out run" in held_out
     assert original.size == (160, 160)
     assert heatmap.shape == (224, 224, 3) and heatmap.dtype == np.uint8
     assert "ms" in timing and "Grad-CAM" in timing
     assert app.reblend(state, 0.0).tolist() == state["view"].tolist()
     assert app.reblend(None, 0.3) is None
-    label, decision, *_ = app.classify(store, CHEAP, str(images["png"]), "never", "Eigen-CAM", 0.5)
-    assert label["label"] == "Negative" and decision.startswith("**Negative** by `never`")
-    label, *_ = app.classify(store, CHEAP, str(images["png"]), None, "Grad-CAM", 0.5)  # no model: the default
-    assert label["label"] == "COVID-19"
+    answer, scale, decision, *_ = app.classify(store, CHEAP, str(images["png"]), "never", "Eigen-CAM", 0.5)
+    assert answer["decision"] == NOT_FLAGGED and decision.startswith(f"**{NOT_FLAGGED}** by `never`")
+    assert NOT_FLAGGED in scale and FLAGGED not in scale
+    answer, *_ = app.classify(store, CHEAP, str(images["png"]), None, "Grad-CAM", 0.5)  # no model: the default
+    assert answer["decision"] == FLAGGED and answer["model"] == "always"
 
 
 def test_compare_handler(store, images):
-    rows, gallery, ensemble = app.compare(store, CHEAP, str(images["dicom_mono1"]), "Grad-CAM++")
-    assert [row[0] for row in rows] == store.names()
-    assert [row[3] for row in rows] == ["COVID-19", "Negative"]
-    assert [row[2] for row in rows] == [0.0, 1.01]  # each model's threshold beside its probability
-    assert all(0.0 <= row[1] <= 1.0 and row[4] > 0 for row in rows)
+    answers, scale, gallery, ensemble = app.compare(store, CHEAP, str(images["dicom_mono1"]), "Grad-CAM++")
+    assert [a["model"] for a in answers] == store.names()
+    assert [a["decision"] for a in answers] == [FLAGGED, NOT_FLAGGED]
+    assert [a["threshold"] for a in answers] == [0.0, 1.01]  # each model's threshold beside its probability
+    assert all(0.0 <= a["p_covid"] <= 1.0 and a["timings_ms"]["prediction"] > 0 for a in answers)
+    assert scale.count('class="ps-row ps-named"') == 2 and scale.index("always") < scale.index("never")
+    assert scale.count("forward pass") == 2  # each model's own time, comparable across models
     assert len(gallery) == 2 and gallery[0][0].shape == (224, 224, 3)
+    assert [caption.split(":")[0] for _, caption in gallery] == ["always", "never"]
     assert "disagree" in ensemble and "1 of 2" in ensemble and "mean" in ensemble
 
 
-def _pred(p: float, decision: bool) -> Prediction:
-    return Prediction({"negative": 1 - p, "positive": p}, p, decision, 0.5, 1.0)
+def _answer(p: float | None, threshold: float = 0.5, model: str = "m", reason: str = "") -> Answer:
+    decision = OUT_OF_SCOPE if p is None else FLAGGED if p >= threshold else NOT_FLAGGED
+    return Answer(model=model, decision=decision, p_covid=p, threshold=threshold, threshold_rule="", min_sensitivity=0.9,
+                  calibrated=True, in_scope=p is not None, reason=reason)
 
 
 def test_agreement_sentences():
-    assert "All 2 models" in app.agreement_markdown(["a", "b"], [_pred(0.9, True), _pred(0.7, True)])
-    assert "None of the 2" in app.agreement_markdown(["a", "b"], [_pred(0.1, False), _pred(0.2, False)])
-    assert "Only one model" in app.agreement_markdown(["a"], [_pred(0.1, False)])
-    text = app.agreement_markdown(["a", "b", "c"], [_pred(0.9, True), _pred(0.2, False), _pred(0.1, False)])
+    assert "All 2 models" in app.agreement_markdown([_answer(0.9), _answer(0.7)])
+    assert "None of the 2" in app.agreement_markdown([_answer(0.1), _answer(0.2)])
+    assert "Only one model" in app.agreement_markdown([_answer(0.1)])
+    text = app.agreement_markdown([_answer(0.9, model="a"), _answer(0.2, model="b"), _answer(0.1, model="c")])
     assert "1 of 3 flag COVID-19 (a)" in text and "0.400" in text
+
+
+def test_the_decision_is_taken_at_the_threshold_not_the_larger_class():
+    def prediction(p: float, threshold: float) -> Prediction:
+        return Prediction({"negative": 1 - p, "positive": p}, p, p >= threshold, threshold, 1.0)
+
+    assert decision_label(prediction(0.104, 0.075)) == FLAGGED  # the smaller class, flagged
+    assert decision_label(prediction(0.9, 0.95)) == NOT_FLAGGED  # the larger class, not flagged
+    assert decision_label(None) == OUT_OF_SCOPE
+
+
+def test_nothing_on_the_scale_disagrees_with_the_decision():
+    """The example of the issue: P = 0.104 under a threshold of 0.075 is flagged; the scale
+    puts P right of the threshold, inside the shaded region, beside the words of the
+    decision, and shows no per-class confidence (no "Negative 90 %")."""
+    flagged = app.scale_html([_answer(0.104, 0.075)])
+    assert FLAGGED in flagged and NOT_FLAGGED not in flagged and "Negative" not in flagged
+    assert re.search(r'class="ps-threshold[a-z -]*" style="left:7.50%"><span>threshold 0.075<', flagged)
+    assert re.search(r'class="ps-p[a-z -]*" style="left:10.40%"><span>P\(COVID-19\) = 0.104<', flagged)
+    assert 'class="ps-region ps-flagged" style="left:7.50%"' in flagged
+    assert "sensitivity ≥ 0.90" in flagged and "calibrated" in flagged
+    below = app.scale_html([_answer(0.015, 0.075)])
+    assert NOT_FLAGGED in below and FLAGGED not in below and 'class="ps-p ps-start" style="left:1.50%"' in below  # label kept on the page
+    refused = app.scale_html([_answer(None, reason="a colour photo")])
+    assert OUT_OF_SCOPE in refused and "ps-p" not in refused and "not classified" in refused
+    # P and threshold that round alike are shown with the digits that tell them apart
+    close = _answer(0.50155, 0.50210)
+    assert shown_digits(0.50155, 0.50210) == 4 and "P(COVID-19) = 0.5016" in app.scale_html([close])
+    assert "0.5016 is below the model's operating threshold 0.5021" in app.decision_markdown(close)
+
+
+def test_answers_are_plain_json(store, images):
+    answer, *_ = app.classify(store, CHEAP, str(images["png"]), "always", "Grad-CAM", 0.5)
+    assert json.loads(json.dumps(answer)) == answer  # plain types only: no arrays, no images
+    assert {"model", "decision", "p_covid", "threshold", "reason", "in_scope", "held_out", "timings_ms"} <= set(answer)
+    assert answer["heatmap_method"] == "Grad-CAM" and answer["timings_ms"]["total"] > 0
 
 
 @pytest.mark.parametrize("key, words", [("empty", "empty"), ("text", "not an image"), ("truncated", "truncated")])
@@ -337,17 +383,20 @@ def test_module_level_demo_and_no_telemetry():
 
 def test_import_builds_nothing():
     """STYLE 7: importing app.py opens no weights file and builds no demo; `app.demo` is built
-    on first use (and then does open the shipped weights: the check can see it)."""
+    on first use and loads no network either (only the input check's fitted statistics); the
+    first request does (and the check sees it)."""
     code = textwrap.dedent(
         """
         import sys
         opened = []
         sys.addaudithook(lambda event, args: opened.append(str(args[0])) if event == "open" else None)
         import app
-        weights = lambda: [p for p in opened if p.endswith(".safetensors")]
+        weights = lambda: [p for p in opened if p.endswith(".safetensors") and not p.endswith("scope.safetensors")]
         assert "demo" not in vars(app) and weights() == [], weights()
         app.demo
-        assert weights(), "building the demo opened no weights: the check above sees nothing"
+        assert weights() == [], weights()
+        app.ModelFolder(app.env_weights_dir()).predictor()
+        assert weights(), "loading a model opened no weights: the checks above see nothing"
         """
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=300)
@@ -355,21 +404,33 @@ def test_import_builds_nothing():
 
 def test_main_serves_the_demo_its_flags_configure(monkeypatch, tmp_path):
     """`python app.py --weights-dir ... --examples-dir ... --queue-size ... --port ...` builds the
-    demo from those flags (not from the environment's `app.demo`) and launches it on that port."""
+    demo from those flags (not from the environment's `app.demo`), launches it on that port,
+    and only then warms the models up, while the server already answers."""
     import logging
 
-    calls = {}
+    calls = []
+
+    class Folder:
+        def __init__(self, weights_dir):
+            calls.append(("folder", weights_dir))
+
+        def warm_up(self):
+            calls.append(("warm up",))
 
     class Served:
         def launch(self, **options):
-            calls["launch"] = options
+            calls.append(("launch", options))
 
-    def build_demo(weights_dir, examples_dir, queue_size):
-        calls["build"] = (weights_dir, examples_dir, queue_size)
+        def block_thread(self):
+            calls.append(("serve",))
+
+    def build_demo(weights_dir, examples_dir, queue_size, folder):
+        calls.append(("build", weights_dir, examples_dir, queue_size, type(folder)))
         return Served()
 
     monkeypatch.setenv("COVIDTL_WEIGHTS", str(tmp_path / "from-env"))
     monkeypatch.setattr(app, "build_demo", build_demo)
+    monkeypatch.setattr(app, "ModelFolder", Folder)
     logger = logging.getLogger("covidtl")
     level = logger.level
     try:
@@ -377,35 +438,73 @@ def test_main_serves_the_demo_its_flags_configure(monkeypatch, tmp_path):
                   "--queue-size", "3", "--port", "7999", "--host", "127.0.0.1", "--no-share"])
     finally:
         logger.setLevel(level)  # main sets it for the served app
-    assert calls["build"] == (tmp_path / "w", tmp_path / "e", 3)
-    assert calls["launch"] == app.launch_options("127.0.0.1", 7999, False)
+    assert calls == [
+        ("folder", tmp_path / "w"),
+        ("build", tmp_path / "w", tmp_path / "e", 3, Folder),
+        ("launch", {**app.launch_options("127.0.0.1", 7999, False), "prevent_thread_lock": True}),
+        ("warm up",),
+        ("serve",),
+    ]
+
+
+def test_the_page_answers_before_any_model_is_loaded(weights, gate, images):
+    """Start-up as `main` does it: the server listens, then the warm-up loads the models. With
+    the warm-up held inside its first load, the page and its config are served, a request waits
+    for the same load instead of starting its own, and both go on once the load is done."""
+    folder = ModelFolder(weights, gate=gate)
+    loading, release, loads = threading.Event(), threading.Event(), []
+    load = folder.store.get
+
+    def held(name):
+        loads.append(name)
+        loading.set()
+        release.wait(600)  # the timeout only keeps a failing test from hanging
+        return load(name)
+
+    folder.store.get = held
+    demo = app.build_demo(weights, folder=folder)
+    url = launch(demo)
+    try:
+        assert not folder.lungs.loaded and not folder.store._predictors  # building loaded nothing
+        warm_up = threading.Thread(target=folder.warm_up)
+        warm_up.start()
+        assert loading.wait(600)
+        page = httpx.get(url, timeout=120)
+        assert page.status_code == 200 and "COVID-TL" in page.text
+        assert httpx.get(f"{url}config", timeout=120).status_code == 200
+        assert not folder.store._predictors  # still loading
+        job = offline_client(url).submit(handle_file(str(images["png"])), "always", "Grad-CAM", 0.4,
+                                         api_name="/classify")  # fmt: skip
+        release.set()
+        warm_up.join(600)
+        assert not warm_up.is_alive() and job.result(timeout=600)[0]["decision"] == FLAGGED
+        assert folder.lungs.loaded and list(folder.store._predictors) == ["always"]
+    finally:
+        release.set()
+        demo.close()
 
 
 # --------------------------------------------------------------------------- launched app
 
 
-def _p_covid(label: dict) -> float:
-    return next(c["confidence"] for c in label["confidences"] if c["label"] == "COVID-19")
-
-
 @pytest.mark.parametrize("key", ["png", "png16", "dicom_mono1", "dicom_frames"])
 def test_classify_through_the_client(client, store, images, key):
-    label, decision, original, heatmap, timing = client.predict(
+    answer, scale, decision, held_out, original, heatmap, timing = client.predict(
         handle_file(str(images[key])), "always", "Grad-CAM", 0.4, api_name="/classify"
     )
-    assert {c["label"] for c in label["confidences"]} == LABELS
     expected = store.get("always").predict(load_upload(images[key])).p_positive
-    assert _p_covid(label) == pytest.approx(expected, abs=1e-5)
-    assert label["label"] == "COVID-19" and "**COVID-19**" in decision and "ms" in timing
+    assert answer["p_covid"] == pytest.approx(expected, abs=1e-5) and answer["threshold"] == 0.0
+    assert answer["decision"] == FLAGGED and f"**{FLAGGED}**" in decision and FLAGGED in scale and "ms" in timing
     assert np.asarray(Image.open(heatmap)).shape[:2] == (224, 224)
     assert Path(original).is_file()
 
 
 def test_compare_through_the_client(client, images):
-    table, gallery, ensemble = client.predict(handle_file(str(images["png"])), "Grad-CAM", api_name="/compare")
-    assert table["headers"] == ["model", "P(COVID-19)", "threshold", "decision", "latency (ms)"]
-    assert [row[0] for row in table["data"]] == ["always", "never"]
-    assert [row[3] for row in table["data"]] == ["COVID-19", "Negative"]
+    answers, scale, gallery, ensemble = client.predict(handle_file(str(images["png"])), "Grad-CAM", api_name="/compare")
+    assert [a["model"] for a in answers] == ["always", "never"]
+    assert [a["decision"] for a in answers] == [FLAGGED, NOT_FLAGGED]
+    assert all(0.0 <= a["p_covid"] <= 1.0 for a in answers) and [a["threshold"] for a in answers] == [0.0, 1.01]
+    assert FLAGGED in scale and NOT_FLAGGED in scale
     assert len(gallery) == 2 and all(Path(item["image"]).is_file() for item in gallery)
     assert "Ensemble" in ensemble
 
@@ -414,8 +513,8 @@ def test_compare_through_the_client(client, images):
 def test_bad_input_through_the_client_then_the_app_keeps_serving(client, images, key, words):
     with pytest.raises(AppError, match=words):
         client.predict(handle_file(str(images[key])), "always", "Grad-CAM", 0.4, api_name="/classify")
-    label, *_ = client.predict(handle_file(str(images["png"])), "always", "Grad-CAM", 0.4, api_name="/classify")
-    assert {c["label"] for c in label["confidences"]} == LABELS
+    answer, *_ = client.predict(handle_file(str(images["png"])), "always", "Grad-CAM", 0.4, api_name="/classify")
+    assert answer["decision"] == FLAGGED
 
 
 def test_concurrent_requests_get_their_own_answers(client, store, tmp_path):
@@ -430,9 +529,9 @@ def test_concurrent_requests_get_their_own_answers(client, store, tmp_path):
         for i, p in enumerate(paths)
     ]
     for i, job in enumerate(jobs):
-        label, decision, *_ = job.result(timeout=600)
-        assert _p_covid(label) == pytest.approx(expected[i], abs=1e-5)
-        assert f"`{models[i % 2]}`" in decision
+        answer, _, decision, *_ = job.result(timeout=600)
+        assert answer["p_covid"] == pytest.approx(expected[i], abs=1e-5)
+        assert answer["model"] == models[i % 2] and f"`{models[i % 2]}`" in decision
     for name in models:
         assert hook_count(store.get(name).model) == 0
 
@@ -440,29 +539,41 @@ def test_concurrent_requests_get_their_own_answers(client, store, tmp_path):
 @pytest.mark.parametrize("kind", list(not_xrays()))
 def test_images_that_are_not_chest_xrays_are_out_of_scope_through_the_client(client, tmp_path, kind):
     path = save_png(not_xrays()[kind], tmp_path / f"{kind}.png")
-    label, decision, original, heatmap, timing = client.predict(
+    answer, scale, decision, held_out, original, heatmap, timing = client.predict(
         handle_file(str(path)), "always", "Grad-CAM", 0.4, api_name="/classify"
     )
-    assert label["label"] == OUT_OF_SCOPE and not label["confidences"]  # no decision, no confidences
-    assert decision.startswith(f"**{OUT_OF_SCOPE}: no decision.**") and heatmap is None
+    assert answer["decision"] == OUT_OF_SCOPE and answer["p_covid"] is None and not answer["in_scope"]
+    assert decision.startswith(f"**{OUT_OF_SCOPE}: no decision.**") and heatmap is None and held_out == ""
+    assert OUT_OF_SCOPE in scale and "P(COVID-19) =" not in scale  # no probability anywhere
     words = {"colour": "colour photo, not a radiograph", "uniform": "nearly uniform"}
     assert words.get(kind, "far from the chest X-rays these models learned from") in decision
-    table, gallery, ensemble = client.predict(handle_file(str(path)), "Grad-CAM", api_name="/compare")
-    assert [row[3] for row in table["data"]] == [OUT_OF_SCOPE] * 2 and not gallery and OUT_OF_SCOPE in ensemble
+    assert words.get(kind, "far from the chest X-rays") in answer["reason"]
+    answers, scale, gallery, ensemble = client.predict(handle_file(str(path)), "Grad-CAM", api_name="/compare")
+    assert [a["decision"] for a in answers] == [OUT_OF_SCOPE] * 2 and not gallery and OUT_OF_SCOPE in ensemble
+    assert all(a["p_covid"] is None and a["reason"] for a in answers)
 
 
 def test_an_answer_says_what_its_recipe_did_at_sites_it_never_saw(client, weights, store, images):
-    """The decision of a model with a leave-one-source-out result beside its card ends with it,
-    handler and API alike; a model without one says nothing of the kind."""
+    """A model with a leave-one-source-out result beside its card answers with it, as a table
+    and in the JSON, handler and API alike; a model without one says it has none."""
     held_out = {"always": cards.read_held_out(weights, store.cards["always"])}
-    _, decision, *_ = app.classify(store, CHEAP, str(images["png"]), "always", "Grad-CAM", 0.5, held_out=held_out)
-    assert decision.endswith(SITE_SUMMARY) and "leave-one-source-out" in decision
-    _, decision, *_ = app.classify(store, CHEAP, str(images["png"]), "never", "Grad-CAM", 0.5, held_out=held_out)
-    assert "leave-one-source-out" not in decision
-    _, decision, *_ = client.predict(handle_file(str(images["png"])), "always", "Grad-CAM", 0.4, api_name="/classify")
-    assert decision.endswith(SITE_SUMMARY)
-    _, decision, *_ = client.predict(handle_file(str(images["png"])), "never", "Grad-CAM", 0.4, api_name="/classify")
-    assert "leave-one-source-out" not in decision
+    answer, _, _, table, *_ = app.classify(
+        store, CHEAP, str(images["png"]), "always", "Grad-CAM", 0.5, held_out=held_out
+    )
+    assert all(row in table for row in HELD_OUT_ROWS) and "leave-one-source-out" not in table.split("|")[0][-5:]
+    assert [row["source"] for row in answer["held_out"]] == ["siteA", "siteB"]
+    assert answer["held_out"][1] == {"source": "siteB", "n": 50, "n_positive": 0, "auc": None, "sensitivity": None,
+                                     "specificity": 0.42, "other_seeds": [0.4], "other_seeds_metric": "specificity"}
+    _, _, _, table, *_ = app.classify(store, CHEAP, str(images["png"]), "never", "Grad-CAM", 0.5, held_out=held_out)
+    assert "no leave-one-source-out run" in table and "siteA" not in table
+    answer, _, _, table, *_ = client.predict(
+        handle_file(str(images["png"])), "always", "Grad-CAM", 0.4, api_name="/classify"
+    )
+    assert all(row in table for row in HELD_OUT_ROWS) and answer["held_out"][0]["other_seeds"] == [0.65]
+    answer, _, _, table, *_ = client.predict(
+        handle_file(str(images["png"])), "never", "Grad-CAM", 0.4, api_name="/classify"
+    )
+    assert "siteA" not in table and answer["held_out"] == []
 
 
 def test_classify_without_a_model_uses_the_default(client):
@@ -540,8 +651,4 @@ def test_output_files_are_unique_and_old_ones_are_swept(tmp_path):
     os.utime(first, (0, 0))  # make it look an hour old: the next write removes it
     third = files.png(np.stack([image] * 3, axis=-1))
     assert not Path(first).exists() and Path(second).exists() and Path(third).exists()
-    label = files.label({"label": "Negative", "confidences": []})
-    assert json.loads(Path(label).read_text())["label"] == "Negative"
-    os.utime(label, (0, 0))  # old labels are swept too
-    files.png(Image.fromarray(image))
-    assert not Path(label).exists()
+

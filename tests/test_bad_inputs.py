@@ -24,12 +24,11 @@ from PIL import Image
 from synthetic_inputs import export_tiny_model, launched, offline_client, xray_like
 
 import app
-from covidtl.classes import DISPLAY_NAMES
+from covidtl.decision import FLAGGED, NOT_FLAGGED
 from covidtl.inference import MAX_UPLOAD_BYTES, ModelStore, load_upload
 from covidtl.scope import ScopeGate
 
 ROOT = Path(__file__).resolve().parents[1]
-LABELS = set(DISPLAY_NAMES.values())
 CHEAP = ScopeGate()  # the input check of an app without a fitted one: colour and near-uniform only
 TRACE_SIGNS = re.compile(r"Traceback|File \"|site-packages|line \d+, in|\.py\b")
 
@@ -109,12 +108,16 @@ def test_dicom_cases_show_the_film_the_right_way_round(corpus, name):
 # --------------------------------------------------------------------------- handlers
 
 
+def _check_answer(answer: dict) -> None:
+    """An answer in scope: a finite P(COVID-19) in [0, 1] and the decision at the threshold."""
+    assert answer["in_scope"] and np.isfinite(answer["p_covid"]) and 0.0 <= answer["p_covid"] <= 1.0
+    assert answer["decision"] == (FLAGGED if answer["p_covid"] >= answer["threshold"] else NOT_FLAGGED)
+
+
 def _check_classify_result(outputs, size: tuple[int, int]) -> None:
-    label, decision, original, heatmap, timing, _ = outputs
-    confidences = {c["label"]: c["confidence"] for c in label["confidences"]}
-    assert set(confidences) == LABELS and sum(confidences.values()) == pytest.approx(1.0)
-    assert all(np.isfinite(p) for p in confidences.values())
-    assert "threshold" in decision and "ms" in timing
+    answer, scale, decision, _, original, heatmap, timing, _ = outputs
+    _check_answer(answer)
+    assert answer["decision"] in scale and "threshold" in decision and "ms" in timing
     assert original.size == size
     assert heatmap.shape == (64, 64, 3) and heatmap.dtype == np.uint8
 
@@ -124,8 +127,8 @@ def test_handlers_give_the_stated_outcome_then_serve_a_good_request(store, corpu
     case, path = BY_NAME[name], str(corpus[name])
     if case.outcome == RESULT:
         _check_classify_result(app.classify(store, CHEAP, path, "alpha", "Grad-CAM", 0.4), case.size)
-        rows, gallery, ensemble = app.compare(store, CHEAP, path, "Grad-CAM")
-        assert [row[0] for row in rows] == ["alpha", "beta"] and len(gallery) == 2 and "Ensemble" in ensemble
+        answers, _, gallery, ensemble = app.compare(store, CHEAP, path, "Grad-CAM")
+        assert [a["model"] for a in answers] == ["alpha", "beta"] and len(gallery) == 2 and "Ensemble" in ensemble
     else:
         with pytest.raises(gr.Error) as classified:
             app.classify(store, CHEAP, path, "alpha", "Grad-CAM", 0.4)
@@ -161,17 +164,14 @@ CLIENT_CASES = [
 ]
 
 
-def _p_covid(label: dict) -> float:
-    return next(c["confidence"] for c in label["confidences"] if c["label"] == "COVID-19")
-
-
 @pytest.mark.parametrize("name", CLIENT_CASES)
 def test_through_the_client_then_the_app_keeps_serving(client, corpus, good, name):
     case = BY_NAME[name]
     upload = handle_file(str(corpus[name]))
     if case.outcome == RESULT:
-        label, decision, original, *_ = client.predict(upload, "alpha", "Grad-CAM", 0.4, api_name="/classify")
-        assert {c["label"] for c in label["confidences"]} == LABELS and "threshold" in decision
+        answer, _, decision, _, original, *_ = client.predict(upload, "alpha", "Grad-CAM", 0.4, api_name="/classify")
+        _check_answer(answer)
+        assert "threshold" in decision
         assert Image.open(original).size == case.size
     else:
         with pytest.raises(AppError) as info:
@@ -183,15 +183,15 @@ def test_through_the_client_then_the_app_keeps_serving(client, corpus, good, nam
             assert "not an image this app can read" in message and "<" not in message
         else:
             assert re.search(case.words, message), message
-    label, *_ = client.predict(handle_file(str(good)), "beta", "Grad-CAM", 0.4, api_name="/classify")
-    assert 0.0 <= _p_covid(label) <= 1.0
+    answer, *_ = client.predict(handle_file(str(good)), "beta", "Grad-CAM", 0.4, api_name="/classify")
+    _check_answer(answer)
 
 
 def test_compare_through_the_client_refuses_a_bomb_then_serves(client, corpus, good):
     with pytest.raises(AppError, match="decompression bomb"):
         client.predict(handle_file(str(corpus["png_bomb_30000"])), "Grad-CAM", api_name="/compare")
-    table, gallery, _ = client.predict(handle_file(str(good)), "Grad-CAM", api_name="/compare")
-    assert [row[0] for row in table["data"]] == ["alpha", "beta"] and len(gallery) == 2
+    answers, _, gallery, _ = client.predict(handle_file(str(good)), "Grad-CAM", api_name="/compare")
+    assert [a["model"] for a in answers] == ["alpha", "beta"] and len(gallery) == 2
 
 
 def test_upload_over_the_limit_is_refused_by_the_server_and_the_client(served, client, corpus, good):
@@ -202,8 +202,8 @@ def test_upload_over_the_limit_is_refused_by_the_server_and_the_client(served, c
     assert response.status_code == 413 and f"maximum allowed size of {MAX_UPLOAD_BYTES} bytes" in response.text
     with pytest.raises(ValueError, match="exceeds the maximum file size"):  # gradio_client checks first
         client.predict(handle_file(str(path)), "alpha", "Grad-CAM", 0.4, api_name="/classify")
-    label, *_ = client.predict(handle_file(str(good)), "alpha", "Grad-CAM", 0.4, api_name="/classify")
-    assert {c["label"] for c in label["confidences"]} == LABELS
+    answer, *_ = client.predict(handle_file(str(good)), "alpha", "Grad-CAM", 0.4, api_name="/classify")
+    _check_answer(answer)
 
 
 # --------------------------------------------------------------------------- memory

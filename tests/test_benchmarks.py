@@ -1,5 +1,5 @@
 """Every benchmark script runs, at a tiny size (--quick), and ends with its ratio line.
-They time nothing here: the figures come from full runs on a quiet machine (README)."""
+They time nothing here: the figures come from full runs on a quiet machine (docs/speed.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The page in a real headless Chromium: upload, classify, see the label and the heatmap,
+"""The page in a real headless Chromium: upload, classify, read the answer (the decision
+beside P(COVID-19) on its scale, which must agree with the threshold shown) and the heatmap,
 switch to Compare and compare every model; a screenshot is saved to tmp_path.
 
 Needs the `playwright` Python package and Debian's `chromium` at /usr/bin/chromium (never
@@ -8,6 +9,7 @@ Needs the `playwright` Python package and Debian's `chromium` at /usr/bin/chromi
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from synthetic_inputs import export_tiny_model, launch, not_xrays, save_png, xra
 
 import app
 from assets.make_screenshots import CHROMIUM_ARGS  # the screenshot script's browser, flags and all
+from covidtl.decision import FLAGGED, NOT_FLAGGED, OUT_OF_SCOPE
 
 CHROMIUM = Path(os.environ.get("COVIDTL_CHROMIUM", "/usr/bin/chromium"))
 TIMEOUT_MS = 180_000  # 3x the slowest answer seen on a loaded machine; only a failure waits this long
@@ -30,6 +33,22 @@ def upload(page, path: Path) -> None:
     page.locator("#upload input[type=file]").set_input_files(str(path))
     sync_api.expect(page.locator("#upload")).to_contain_text(path.stem)
     sync_api.expect(page.locator("#upload td.download a")).to_be_visible(timeout=TIMEOUT_MS)
+
+
+def read_scale(text: str) -> list[tuple[str, float, float]]:
+    """(decision, P, threshold) of each row of a scale as the page shows it."""
+    rows = []
+    for row, decision in re.findall(rf"(.*?)({FLAGGED}|{NOT_FLAGGED})", text, re.S):  # a row ends with its decision
+        p, threshold = re.search(r"P\(COVID-19\) = ([0-9.]+)", row), re.search(r"threshold ([0-9.]+)", row)
+        rows.append((decision, float(p.group(1)), float(threshold.group(1))))
+    return rows
+
+
+def assert_decisions_agree(rows: list[tuple[str, float, float]]) -> None:
+    """Each decision shown is the one its P and threshold (as shown) call for."""
+    assert rows
+    for decision, p, threshold in rows:
+        assert decision == (FLAGGED if p >= threshold else NOT_FLAGGED), (decision, p, threshold)
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +88,12 @@ def test_upload_classify_and_compare_in_chromium(page, tmp_path):
 
     upload(page, image)
     page.locator("#classify-button").click()
-    expect(page.locator("#confidences")).to_contain_text("COVID-19", timeout=TIMEOUT_MS)
+    expect(page.locator("#answer")).to_contain_text(FLAGGED, timeout=TIMEOUT_MS)
     expect(page.locator("#decision")).to_contain_text("at or above the model's operating threshold")
+    (shown,) = read_scale(page.locator("#answer").inner_text())
+    assert_decisions_agree([shown])
+    assert f"P(COVID-19) = {shown[1]:.3f}" in page.locator("#decision").inner_text()  # the words say the same P
+    expect(page.locator("#answer")).not_to_contain_text("Negative")  # no per-class confidences beside it
     expect(page.locator("#heatmap img")).to_be_visible()
     expect(page.locator("#timing")).to_contain_text("ms")
     page.screenshot(path=str(tmp_path / "classify.png"), full_page=True)
@@ -78,7 +101,10 @@ def test_upload_classify_and_compare_in_chromium(page, tmp_path):
     page.get_by_role("tab", name="Compare").click()
     expect(page.locator("#compare-upload")).to_contain_text("synthetic-xray")
     page.locator("#compare-button").click()
-    expect(page.locator("#compare-table")).to_contain_text("never", timeout=TIMEOUT_MS)
+    expect(page.locator("#compare-scale")).to_contain_text("never", timeout=TIMEOUT_MS)
+    rows = read_scale(page.locator("#compare-scale").inner_text())
+    assert [decision for decision, *_ in rows] == [FLAGGED, NOT_FLAGGED]  # "always", then "never"
+    assert_decisions_agree(rows)
     expect(page.locator("#ensemble")).to_contain_text("disagree")
     expect(page.locator("#compare-gallery img")).to_have_count(2)
     shot = tmp_path / "compare.png"
@@ -106,7 +132,8 @@ def test_shipped_example_can_be_classified(page):
     model.press("Enter")
     page.locator("#classify-button").click()
     expect(page.locator("#decision")).to_contain_text("by never", timeout=TIMEOUT_MS)
-    expect(page.locator("#confidences")).to_contain_text("Negative")
+    expect(page.locator("#answer")).to_contain_text(NOT_FLAGGED)
+    assert_decisions_agree(read_scale(page.locator("#answer").inner_text()))
     page.get_by_role("tab", name="Compare").click()
     expect(page.locator("#compare-upload")).to_contain_text("nih-no-finding")
 
@@ -116,5 +143,6 @@ def test_an_image_that_is_not_a_chest_xray_is_out_of_scope_in_the_page(page, tmp
     image = save_png(not_xrays()["colour"], tmp_path / "colour-picture.png")
     upload(page, image)
     page.locator("#classify-button").click()
-    expect(page.locator("#confidences")).to_contain_text("Out of scope", timeout=TIMEOUT_MS)
+    expect(page.locator("#answer")).to_contain_text(OUT_OF_SCOPE, timeout=TIMEOUT_MS)
     expect(page.locator("#decision")).to_contain_text("a colour photo, not a radiograph")
+    expect(page.locator("#answer")).not_to_contain_text("P(COVID-19) =")  # no probability for a refused image

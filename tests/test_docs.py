@@ -6,12 +6,18 @@
 - the Space front matter at the top of README.md agrees with the code (sdk, the gradio pin,
   the app file, the Python version);
 - every tracked weight and image file is routed to Git LFS by .gitattributes (the Hub
-  refuses binary files that LFS does not track).
+  refuses binary files that LFS does not track);
+- the README's `gradio_client` example runs as written against the app on the shipped
+  weights and prints the output the README shows.
 """
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import fnmatch
+import io
+import math
 import re
 import subprocess
 from pathlib import Path
@@ -173,3 +179,45 @@ def test_an_unrouted_binary_is_found():
     patterns = ["*.png"]
     assert _routed_to_lfs("assets/screenshot-classify.png", patterns)
     assert not _routed_to_lfs("weights/model.safetensors", patterns)
+
+
+# --------------------------------------------------------------------------- the README's API example
+
+README_URL = "http://127.0.0.1:7860/"  # `python app.py`'s address, as the example writes it
+
+
+def readme_api_example(text: str) -> tuple[str, str]:
+    """The python block of the README's "Use it from a script" section and the text block
+    that shows its output."""
+    section = text.split("## Use it from a script", 1)[1].split("\n## ", 1)[0]
+    code = re.search(r"```python\n(.*?)```", section, re.DOTALL)
+    shown = re.search(r"```text\n(.*?)```", section, re.DOTALL)
+    assert code and shown, "the README's 'Use it from a script' needs a python block and a text block of its output"
+    return code[1], shown[1].strip()
+
+
+def test_the_readme_api_example_runs_as_written_and_prints_what_the_readme_shows(monkeypatch):
+    import app
+    from covidtl.answer import ModelFolder
+    from synthetic_inputs import launched
+
+    if not list(app.DEFAULT_WEIGHTS_DIR.glob("*.safetensors")):
+        pytest.skip("no shipped models in weights/")
+    code, shown = readme_api_example(README.read_text())
+    assert len(code.strip().splitlines()) == 3 and README_URL in code
+    monkeypatch.chdir(ROOT)  # the example's path is relative to the repository, as in the README
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry thread from the client
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    folder = ModelFolder(app.DEFAULT_WEIGHTS_DIR)
+    folder.warm_up()  # the models loaded before the request: gradio_client's calls time out after 5 s
+    printed = io.StringIO()
+    with launched(app.build_demo(app.DEFAULT_WEIGHTS_DIR, folder=folder)) as url, contextlib.redirect_stdout(printed):
+        exec(compile(code.replace(README_URL, url), "README.md", "exec"), {})
+    got, expected = ast.literal_eval(printed.getvalue().strip().splitlines()[-1]), ast.literal_eval(shown)
+    assert got.keys() == expected.keys() and {"decision", "p_covid", "threshold", "model"} <= got.keys()
+    for key, value in expected.items():
+        if isinstance(value, float):
+            assert math.isclose(got[key], value, rel_tol=1e-5), (key, got[key], value)
+        else:
+            assert got[key] == value, (key, got[key], value)
+    assert got["model"] == folder.default_name()

@@ -15,7 +15,7 @@ from synthetic_inputs import export_tiny_model, xray_like
 from torchvision.transforms import v2
 
 import covidtl.images
-from covidtl.explain import CAM_METHODS, explain
+from covidtl.explain import cam_class, explain
 from covidtl.images import (
     REDUCING_GAP,
     UnreadableImageError,
@@ -188,7 +188,7 @@ def test_cam_with_a_short_backward_pass_equals_the_full_one(name, seeded):
     x = torch.randn(1, 3, 64, 64)
     flags = [p.requires_grad for p in model.parameters()]
     for method in ("Grad-CAM", "Grad-CAM++"):
-        with torch.enable_grad(), CAM_METHODS[method](model=model, target_layers=[model.get_submodule(layer)]) as cam:
+        with torch.enable_grad(), cam_class(method)(model=model, target_layers=[model.get_submodule(layer)]) as cam:
             expected = cam(input_tensor=x, targets=[ClassifierOutputTarget(1)])[0]
         model.zero_grad(set_to_none=True)
         got = explain(model, x, layer, method)

@@ -1,20 +1,28 @@
-"""Predictor, ModelStore and upload handling: load once, predict, explain, refuse bad input."""
+"""Predictor, ModelStore and upload handling: load once, predict, explain, refuse bad input;
+and the answer to a film (covidtl.answer): the same pipeline for one model or several, the
+lung-field check for every model, loading on first use."""
 
 from __future__ import annotations
 
+import json
 import pickle
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from synthetic_inputs import export_tiny_model, hook_count, make_dicom, save_png, xray_like
+from synthetic_inputs import export_tiny_model, hook_count, make_dicom, not_xrays, save_png, xray_like
+from torch import nn
 
+from covidtl.answer import LUNG_CHECK, ModelFolder, answer_film, compare_film
 from covidtl.classes import CLASSES, POSITIVE
+from covidtl.decision import FLAGGED, NOT_FLAGGED, OUT_OF_SCOPE
 from covidtl.inference import (
     BadInputError,
+    LoadOnce,
     ModelLoadError,
     ModelStore,
     Prediction,
@@ -22,6 +30,9 @@ from covidtl.inference import (
     load_predictors,
     load_upload,
 )
+from covidtl.lungs import LungOutliner
+from covidtl.models import create_model
+from covidtl.scope import ScopeGate
 
 
 @pytest.fixture(scope="module")
@@ -252,3 +263,158 @@ def test_real_images_from_covidx_mini(covidx_mini, predictor):
         heatmap = predictor.explain(image)
         assert heatmap.shape == (224, 224) and np.isfinite(heatmap).all()
     assert hook_count(predictor.model) == 0
+
+
+# --------------------------------------------------------------------------- loading on first use
+
+
+def test_load_once_loads_once_for_threads_that_ask_together():
+    calls = []
+
+    def slow() -> object:
+        calls.append(threading.current_thread().name)
+        time.sleep(0.2)  # every thread asks while this load runs
+        return object()
+
+    once = LoadOnce(slow)
+    assert not once.loaded
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(once.get())) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(got) == 6 and all(value is got[0] for value in got) and once.loaded
+
+
+def test_a_load_that_fails_is_tried_again():
+    outcomes = [OSError("disk hiccup"), "model"]
+
+    def load():
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    once = LoadOnce(load)
+    with pytest.raises(OSError, match="hiccup"):
+        once.get()
+    assert not once.loaded and once.get() == "model" and once.get() == "model"
+
+
+# --------------------------------------------------------------------------- the answer
+
+
+class TwoOrOneLungs(nn.Module):
+    """Stands in for the lung model: two side-by-side lung fields when the film's centre is
+    bright (`xray_like(bright_disk=True)`), one central blob (not a frontal chest) otherwise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.passes = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.passes += len(x)
+        b, _, h, w = x.shape
+        logits = torch.full((b, 1, h, w), -10.0)
+        for i in range(b):
+            if x[i, 0, h // 2, w // 2] > 0.6:
+                logits[i, 0, h // 4 : 3 * h // 4, w // 8 : 3 * w // 8] = 10.0
+                logits[i, 0, h // 4 : 3 * h // 4, 5 * w // 8 : 7 * w // 8] = 10.0
+            else:
+                logits[i, 0, h // 4 : 3 * h // 4, 3 * w // 8 : 5 * w // 8] = 10.0
+        return logits
+
+
+def _lung_crop_predictor(lung_model: nn.Module, name: str = "cropped") -> Predictor:
+    torch.manual_seed(0)
+    card = {"name": name, "architecture": "squeezenet1_1", "classes": list(CLASSES), "input_size": 64,
+            "mean": [0.5] * 3, "std": [0.25] * 3, "threshold": 0.0,
+            "lung_crop": {"lung_model": "fake", "lung_model_sha256": "f"}}  # fmt: skip
+    return Predictor(create_model("squeezenet1_1"), card, lung_model=lung_model)
+
+
+@pytest.fixture(scope="module")
+def films(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("films")
+    return {
+        "frontal": save_png(xray_like(128, seed=1, bright_disk=True), folder / "frontal.png"),
+        "one field": save_png(xray_like(128, seed=2), folder / "one-field.png"),
+        "colour": save_png(not_xrays()["colour"], folder / "colour.png"),
+    }
+
+
+def test_an_answer_is_the_models_prediction_at_its_threshold(predictor, films):
+    answer = answer_film(films["frontal"], predictor, ScopeGate())
+    expected = predictor.predict(load_upload(films["frontal"]))
+    assert answer.p_covid == pytest.approx(expected.p_positive, abs=1e-6) and answer.threshold == 0.5
+    assert answer.decision == (FLAGGED if expected.decision else NOT_FLAGGED) and answer.in_scope
+    assert answer.model == "tiny" and not answer.lung_crop and answer.lung_box is None
+    assert answer.film_size == (128, 128) and answer.heatmap is None and answer.view is None  # none unless asked
+    assert set(answer.timings_ms) == {"decode", "input check", "preprocess", "prediction", "total"}
+    assert json.loads(json.dumps(answer.to_json())) == answer.to_json()
+    explained = answer_film(films["frontal"], predictor, ScopeGate(), heatmap="Grad-CAM++")
+    assert explained.p_covid == answer.p_covid and explained.heatmap.shape == (224, 224)
+    assert explained.view.shape == (224, 224, 3) and "heatmap" in explained.timings_ms
+    assert explained.lungs_in_view is None and hook_count(predictor.model) == 0  # no lung model given
+    with pytest.raises(ValueError, match="unknown CAM method"):
+        answer_film(films["frontal"], predictor, ScopeGate(), heatmap="Magic")
+    with pytest.raises(BadInputError, match="no file"):
+        answer_film(None, predictor, ScopeGate())
+
+
+def test_an_image_the_input_check_refuses_gets_no_probability(predictor, films):
+    answer = answer_film(films["colour"], predictor, ScopeGate(), heatmap="Grad-CAM")
+    assert answer.decision == OUT_OF_SCOPE and answer.p_covid is None and not answer.in_scope
+    assert answer.refused_by == "colour" and "colour photo" in answer.reason and answer.heatmap is None
+    assert answer.to_json()["reason"] == answer.reason and answer.to_json()["p_covid"] is None
+
+
+def test_a_film_without_two_lung_fields_is_out_of_scope_for_every_model(predictor, films):
+    """A whole-film model asks the lung model; a lung-crop model checks its own crop: both
+    refuse a film in which no two lung fields are found, with the reason."""
+    lung_model = TwoOrOneLungs()
+    models = [predictor, _lung_crop_predictor(lung_model)]
+    refused = compare_film(films["one field"], models, ScopeGate(), lungs=LungOutliner(lung_model), heatmap="Grad-CAM")
+    assert [a.decision for a in refused] == [OUT_OF_SCOPE] * 2 and all(a.p_covid is None for a in refused)
+    assert all(a.refused_by == LUNG_CHECK and "no two lung fields" in a.reason for a in refused)
+    assert lung_model.passes == 2  # one for the whole film, one for the crop
+    found = compare_film(films["frontal"], models, ScopeGate(), lungs=LungOutliner(lung_model), heatmap="Grad-CAM")
+    assert [a.in_scope for a in found] == [True, True]
+    whole, cropped = found
+    assert whole.lung_box is None and cropped.lung_box is not None and cropped.lung_crop
+    assert whole.lungs_in_view.shape == (224, 224) and cropped.lungs_in_view.shape == (64, 64)  # outlines to draw
+    # without a lung model, a whole-film model is not asked about lung fields
+    assert answer_film(films["one field"], predictor, ScopeGate()).in_scope
+
+
+def test_compare_film_decodes_checks_and_locates_the_lungs_once(weights_dir, films):
+    class CountingGate(ScopeGate):
+        checks = 0
+
+        def check(self, image):
+            CountingGate.checks += 1
+            return super().check(image)
+
+    lung_model = TwoOrOneLungs()
+    store = ModelStore(weights_dir)
+    models = [store.get("tiny"), store.get("tiny-b")]  # two whole-film models of one geometry
+    answers = compare_film(films["frontal"], models, CountingGate(), lungs=LungOutliner(lung_model))
+    assert [a.model for a in answers] == ["tiny", "tiny-b"] and CountingGate.checks == 1 and lung_model.passes == 1
+    assert "preprocess" in answers[0].timings_ms and "preprocess" not in answers[1].timings_ms  # one shared tensor
+    alone = answer_film(films["frontal"], models[1], ScopeGate())
+    assert answers[1].p_covid == pytest.approx(alone.p_covid, abs=1e-6) and answers[1].decision == FLAGGED
+    with pytest.raises(ValueError, match="at least one model"):
+        compare_film(films["frontal"], [], ScopeGate())
+
+
+def test_a_model_folder_loads_on_first_use_and_answers_with_its_default(weights_dir, films):
+    folder = ModelFolder(weights_dir, gate=ScopeGate())
+    assert folder.store._predictors == {} and not folder.lungs.loaded  # nothing loaded yet
+    assert folder.default_name() == "tiny"  # no default in the cards, no AUC: by name
+    folder.warm_up()
+    assert list(folder.store._predictors) == ["tiny"] and folder.lungs.loaded and folder.lungs.get() is None
+    assert folder.answer(films["frontal"]).model == "tiny"
+    assert folder.answer(films["frontal"], "tiny-b").decision == FLAGGED
+    with pytest.raises(ValueError, match="unknown model"):
+        folder.answer(films["frontal"], "nope")

@@ -155,8 +155,8 @@ def test_compare_crops_once_for_the_models_that_share_a_geometry(tiny_covidx, mo
         def load_all(self):
             return predictors
 
-    rows, gallery, _ = app.compare(Store(), ScopeGate(), str(film), "Grad-CAM")
-    assert [row[0] for row in rows] == ["a", "b"] and len(gallery) == 2
+    answers, _, gallery, _ = app.compare(Store(), ScopeGate(), str(film), "Grad-CAM")
+    assert [a["model"] for a in answers] == ["a", "b"] and len(gallery) == 2
     assert counting.passes == 1  # one crop, shared by both models' tensors and heatmap views
 
 

@@ -88,6 +88,21 @@ def test_network_shape_size_and_input():
     assert lungs.segment(model, images[0]).shape == (90, 60)
 
 
+def test_lung_crops_carry_the_logits_their_mask_came_from():
+    """crop_to_lungs and locate_lungs keep the network's logits [S, S] (what the lung-field
+    check reads), and the full-size mask from them is `segment`'s; a LungCrop made without
+    them still builds."""
+    torch.manual_seed(0)
+    model = lungs.create_lung_model(pretrained=False).eval()
+    image = Image.fromarray(np.where(two_lungs(90, 120), 40, 200).astype(np.uint8))
+    for found in (lungs.locate_lungs(image, model), lungs.crop_to_lungs(image, model)):
+        assert found.logits.shape == (lungs.LUNG_INPUT_SIZE, lungs.LUNG_INPUT_SIZE) and found.logits.dtype == np.float32
+        mask = lungs.mask_from_logits(found.logits, image.height, image.width)
+        np.testing.assert_array_equal(mask, lungs.segment(model, image))
+        assert found.check.reason == check_mask(mask).reason
+    assert lungs.LungCrop(image, None, check_mask(two_lungs())).logits is None
+
+
 def _lung_folder(tmp_path, n: int = 4):
     """A synthetic lung-masks folder: dark rectangles (the lungs) on a bright film."""
     root = tmp_path / "lung-masks"

@@ -62,6 +62,7 @@ def test_the_wheel_declares_the_commands_the_pins_and_the_python(wheel):
     entry_points = _dist_info(wheel, "entry_points.txt")
     assert "covidtl-train = train.run:main" in entry_points
     assert "covidtl-app = app:main" in entry_points
+    assert "covidtl-predict = train.predict:main" in entry_points
     metadata = Parser().parsestr(_dist_info(wheel, "METADATA"))
     pins = [line.strip() for line in (REPO / "requirements.txt").read_text().splitlines()]
     pins = [line for line in pins if line and not line.startswith("#")]

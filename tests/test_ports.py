@@ -51,7 +51,7 @@ def test_launch_gives_up_after_its_attempts(monkeypatch):
 
 
 def test_a_benchmark_start_whose_port_was_taken_is_made_again(monkeypatch, tmp_path):
-    outcomes = [app_start.PortTaken("Cannot find empty port"), (1.0, 0.5, 2)]
+    outcomes = [app_start.PortTaken("Cannot find empty port"), (0.5, 1.0, 0.5, 2)]
 
     def one(folder, image, timeout):
         outcome = outcomes.pop(0)
@@ -60,5 +60,5 @@ def test_a_benchmark_start_whose_port_was_taken_is_made_again(monkeypatch, tmp_p
         return outcome
 
     monkeypatch.setattr(app_start, "_one_start", one)
-    assert app_start.one_start(tmp_path, tmp_path / "x.png", timeout=1) == (1.0, 0.5, 2)
+    assert app_start.one_start(tmp_path, tmp_path / "x.png", timeout=1) == (0.5, 1.0, 0.5, 2)
     assert outcomes == []

@@ -117,8 +117,8 @@ def test_pickles_in_the_weights_folder_are_never_unpickled(booby_trapped, client
     assert "Traceback" not in str(info.value)
     with pytest.raises(AppError, match="not in the list of choices"):
         client.predict(handle_file(str(good)), "evil", "Grad-CAM", 0.4, api_name="/classify")
-    table, _, _ = client.predict(handle_file(str(good)), "Grad-CAM", api_name="/compare")
-    assert [row[0] for row in table["data"]] == ["good"]
+    answers, *_ = client.predict(handle_file(str(good)), "Grad-CAM", api_name="/compare")
+    assert [answer["model"] for answer in answers] == ["good"]
     assert not marker.exists() and loads == []
 
 
@@ -278,9 +278,9 @@ def test_a_full_queue_refuses_at_once_and_then_serves_again(tmp_path, good):
         # have been answered, so each refusal came while nothing had moved.
         assert not store.gate.is_set() and len(demo._queue) == 1 and not any(job.done() for job in running)
         store.gate.set()
-        answers = [job.result(timeout=600)[0]["label"] for job in [*running, waiting]]
+        answers = [job.result(timeout=600)[0]["decision"] for job in [*running, waiting]]
         assert len(answers) == 3
-        assert client.predict(*args, api_name="/classify")[0]["label"] == answers[0]
+        assert client.predict(*args, api_name="/classify")[0]["decision"] == answers[0]
     finally:
         store.gate.set()
         demo.close()
@@ -345,7 +345,7 @@ def test_an_export_killed_at_any_moment_leaves_nothing_the_app_loads_wrongly(tmp
 
 
 def test_the_load_test_asks_for_the_shipped_classifiers_not_the_lung_model():
-    """benchmarks/load_test.py on the shipped weights (the README's run) names each classifier
+    """benchmarks/load_test.py on the shipped weights (the run in docs/speed.md) names each classifier
     the app serves; the lung model's card beside them is not a classifier's."""
     from benchmarks import load_test
 
@@ -359,7 +359,7 @@ def test_the_load_test_asks_for_the_shipped_classifiers_not_the_lung_model():
 
 def test_the_load_test_passes_at_small_scale():
     """benchmarks/load_test.py at 3 clients x 2 requests, so the benchmark keeps working;
-    the full 32 x 10 run is in the README."""
+    the full 32 x 10 run is in docs/speed.md."""
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "load_test.py"), "--clients", "3", "--requests", "2",
          "--images", "2", "--random-models", "--timeout", "600"],

@@ -113,7 +113,7 @@ def test_predictions_reproduce_the_card_exactly(path, covidx_plus, tmp_path):
 
 
 def test_the_default_ranks_both_hannover_films_above_both_nih_examples():
-    """README ("What the default model does"): the two COVID-19 films from Hannover (a
+    """docs/model-selection.md ("What the default model does"): the two COVID-19 films from Hannover (a
     hospital in none of the training data) score above the two NIH examples, P 0.104 and
     0.043 against 0.037 and 0.015, through the app's Predictor."""
     from covidtl.inference import Predictor, load_upload
