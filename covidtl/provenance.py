@@ -22,6 +22,12 @@ class SourceInfo:
 
 
 SOURCES: dict[str, SourceInfo] = {
+    "bimcv": SourceInfo(
+        "BIMCV-COVID19+ (Valencia region hospitals), RT-PCR-confirmed COVID-19 adults, via the COVID-19 "
+        "Radiography Database (Chowdhury et al. 2020, Rahman et al. 2021), resized to 224 x 224",
+        "adult",
+        "CC BY 4.0",
+    ),
     "cohen": SourceInfo(
         "COVID-19 image data collection (Cohen et al., 2020); many images are figures from publications",
         "adult",
@@ -37,6 +43,12 @@ SOURCES: dict[str, SourceInfo] = {
         "NIH ChestX-ray14 (Wang et al., 2017), adults, 'No Finding' and non-COVID-19 pneumonia, collected before 2020",
         "adult",
         "unrestricted use; cite Wang et al. CVPR 2017, acknowledge the NIH Clinical Center",
+    ),
+    "rsna": SourceInfo(
+        "RSNA Pneumonia Detection Challenge normal films (NIH ChestX-ray14 adults without lung opacity), "
+        "via the COVID-19 Radiography Database, resized to 224 x 224",
+        "adult",
+        "public; cite Wang et al. CVPR 2017 and the RSNA challenge",
     ),
 }
 

@@ -23,17 +23,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_covidx_folder
 from PIL import Image
 from safetensors.torch import load_file
 
 import train.run as train_run
 from covidtl import metrics
 from covidtl.images import load_image
-from covidtl.labels import parse_label_file
-from covidtl.transforms import build_transform
 from covidtl.inference import Predictor, load_upload
+from covidtl.labels import parse_label_file
 from covidtl.models import get_spec
-from conftest import make_covidx_folder
+from covidtl.transforms import build_transform
 
 NAME = "claims"
 EPOCHS = 6

@@ -1,9 +1,10 @@
-"""Regenerate weights/README.md from the model cards beside the weights.
+"""Regenerate weights/README.md from the model cards beside the weights, and the table of
+shipped models in the top-level README.md (between its `README_START` and `README_END` lines).
 
     python -m train.model_table --weights-dir weights
 
-Every number in the table is read from a card, and every card was written by the
-training command that is named in it.
+Every number in the tables is read from a card or a leave-one-source-out result, and each
+was written by the command that is named in it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from covidtl.cards import HELD_OUT_SUFFIX
+from covidtl.cards import HELD_OUT_SUFFIX, read_held_out
 from covidtl.classes import CLASSES, DISPLAY_NAMES
 from covidtl.config import load_recipe
 from covidtl.export import list_exported, read_card
@@ -23,6 +24,8 @@ INGREDIENT_REFERENCE = "efficientnet_lite0_plus"
 # The first row of the site-blind comparison on covidx-large: the default recipe of 2026-11-30
 # (plus/efficientnet_lite0_lungs) with the covidx-large epoch budget (train/recipes/large/).
 SITE_BLIND_REFERENCE = "efficientnet_lite0_lungs_large"
+README_START = "<!-- shipped models: python -m train.model_table writes this table -->"
+README_END = "<!-- end of the shipped models -->"
 
 
 def fmt(metric: dict | None) -> str:
@@ -333,22 +336,68 @@ def render(weights_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def held_out_cell(result: dict | None) -> str:
+    """Each held-out source's one figure: AUC where it has both classes, else its one rate."""
+    if result is None:
+        return "not run"
+    cells = []
+    for fold in result["folds"]:
+        overall = fold["overall"]
+        name, short = next(((n, s) for n, s in LOSO_CELLS if (overall.get(n) or {}).get("value") is not None))
+        cells.append(f"{fold['held_out']} {short} {overall[name]['value']:.3f}")
+    return ", ".join(cells)
+
+
+def summary_rows(weights_dir: Path) -> list[str]:
+    """The README's table: one row per shipped model, with its data, test AUC, test
+    sensitivity and specificity at its threshold, what its recipe did at each source it never
+    saw, and its site audit (probe balanced accuracy within each class, chance in brackets)."""
+    rows = ["| model | trained on (films) | test AUC (95 % CI) | test sensitivity / specificity | "
+            "held out: each source never seen | site audit: negatives / COVID-19 (chance) |",
+            "|---|---|---|---|---|---|"]
+    for path in list_exported(weights_dir):
+        card = read_card(path.with_suffix(".json"))
+        overall = card["metrics"][card.get("evaluated_on", "test")]["overall"]
+        held = read_held_out(weights_dir, card)  # the run of this model's own recipe, epochs and seed
+        audit = card.get("site_audit", {}).get("per_class", {})
+        probes = [audit[name] for name in CLASSES if "balanced_accuracy" in audit.get(name, {})]
+        rows.append("| " + " | ".join([
+            model_label(card), f"{card['data']['name']} ({card['data']['splits']['train']['n']})",
+            fmt(overall.get("auc")),
+            f"{overall['sensitivity']['value']:.3f} / {overall['specificity']['value']:.3f}",
+            held_out_cell(held.run if held else None),
+            " / ".join(f"{p['balanced_accuracy']:.2f} ({p['chance']:.2f})" for p in probes) or "not audited",
+        ]) + " |")
+    return rows
+
+
+def with_summary(readme: str, rows: list[str]) -> str:
+    """`readme` with the lines between `README_START` and `README_END` replaced by `rows`."""
+    head, start, rest = readme.partition(README_START + "\n")
+    table, end, tail = rest.partition(README_END)
+    if not start or not end:
+        raise ValueError(f"README.md needs the lines {README_START!r} and {README_END!r} around its model table")
+    return head + start + "\n".join(rows) + "\n" + end + tail
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.model_table", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights-dir", type=Path, default=Path("weights"))
     p.add_argument("--check", action="store_true", help="exit 1 if the README is not up to date")
     args = p.parse_args(argv)
-    text = render(args.weights_dir)
-    target = args.weights_dir / "README.md"
-    if args.check:
-        current = target.read_text() if target.is_file() else ""
-        if current != text:
-            print(f"{target} is out of date: run python -m train.model_table --weights-dir {args.weights_dir}")
-            return 1
-        return 0
-    target.write_text(text)
-    print(f"wrote {target} ({len(text.splitlines())} lines)")
+    outputs = {args.weights_dir / "README.md": render(args.weights_dir)}
+    readme = args.weights_dir.resolve().parent / "README.md"  # the project's, when weights/ is in it
+    if readme.is_file() and README_START in readme.read_text():
+        outputs[readme] = with_summary(readme.read_text(), summary_rows(args.weights_dir))
+    for target, text in outputs.items():
+        if args.check:
+            if (target.read_text() if target.is_file() else "") != text:
+                print(f"{target} is out of date: run python -m train.model_table --weights-dir {args.weights_dir}")
+                return 1
+            continue
+        target.write_text(text)
+        print(f"wrote {target} ({len(text.splitlines())} lines)")
     return 0
 
 

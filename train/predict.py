@@ -1,7 +1,7 @@
 """Classify chest X-ray files in a batch: the app's answer, one line per film.
 
     covidtl-predict assets/examples/*.jpg
-    covidtl-predict scans/*.dcm --model resnet18_plus --json > answers.jsonl
+    covidtl-predict scans/*.dcm --model efficientnet_lite0_site_blind --json > answers.jsonl
     python -m train.predict FILES... [--model NAME] [--weights-dir DIR] [--json] [--explain-dir DIR]
 
 Each film goes through `covidtl.answer` exactly as in the app (input check, lung fields,

@@ -31,11 +31,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from covidtl.images import load_image
 from covidtl.labels import parse_label_file, split_paths
-from PIL import Image
-
 from covidtl.scope import (
     ENCODER,
     INPUT_SIZE,
@@ -246,7 +245,7 @@ def augmented(image: Image.Image, count: int, rng: np.random.Generator) -> list[
             wide.paste(a, ((wide.width - cw) // 2, 0))
             a = wide
         gamma = rng.uniform(0.7, 1.4)
-        out.append(a.point(lambda v: round(255 * (v / 255) ** gamma)))
+        out.append(a.point([round(255 * (v / 255) ** gamma) for v in range(256)]))
     return out
 
 
@@ -270,8 +269,8 @@ def _tally(rows: list[tuple[str, str | None]]) -> dict:
 
 def lung_fields(args: argparse.Namespace) -> dict:
     """Run the lung-field check on every set (see the module docstring); the record."""
-    from covidtl.lungs import LUNG_MODEL_NAME, load_lung_model, locate_lungs
     from covidtl import scope
+    from covidtl.lungs import LUNG_MODEL_NAME, load_lung_model, locate_lungs
     from train.nonxray import split_halves
 
     torch.set_num_threads(args.threads)
