@@ -105,22 +105,24 @@ def tiny_covidx(tmp_path: Path) -> Path:
     return make_covidx_folder(tmp_path)
 
 
+def shared_data(name: str) -> Path:
+    """Root of the real data set ``../shared/data/<name>``; skips the test when it is absent."""
+    shared = shared_data_dir()
+    if shared is None or not (shared / name).is_dir():
+        pytest.skip(f"real data ../shared/data/{name} is absent (only on development machines)")
+    return shared / name
+
+
 @pytest.fixture
 def covidx_mini() -> Path:
     """Root of the real ``covidx-mini`` folder; skips the test when it is absent."""
-    shared = shared_data_dir()
-    if shared is None or not (shared / "covidx-mini").is_dir():
-        pytest.skip("real data ../shared/data/covidx-mini is absent (only on development machines)")
-    return shared / "covidx-mini"
+    return shared_data("covidx-mini")
 
 
 @pytest.fixture
 def covidx_plus() -> Path:
-    """Root of the real ``covidx-plus`` folder (the shipped models' data); skips the test when it is absent."""
-    shared = shared_data_dir()
-    if shared is None or not (shared / "covidx-plus").is_dir():
-        pytest.skip("real data ../shared/data/covidx-plus is absent (only on development machines)")
-    return shared / "covidx-plus"
+    """Root of the real ``covidx-plus`` folder; skips the test when it is absent."""
+    return shared_data("covidx-plus")
 
 
 @pytest.fixture(autouse=True, scope="session")

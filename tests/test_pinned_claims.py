@@ -236,7 +236,7 @@ def test_a_shipped_threshold_is_the_rule_applied_to_validation():
     validation confusion counts follow from it. One model, the smallest (the real films
     take seconds to decode); the training run's threshold is checked the same way in
     tests/test_training_claims.py."""
-    from conftest import shared_data_dir
+    from conftest import shared_data
 
     from covidtl.inference import load_upload
     from covidtl.labels import parse_label_file
@@ -245,10 +245,7 @@ def test_a_shipped_threshold_is_the_rule_applied_to_validation():
     if not shipped:
         pytest.skip("no shipped weights in weights/")
     predictor = Predictor.from_file(min(shipped, key=lambda p: p.stat().st_size))
-    shared = shared_data_dir()
-    data = shared / predictor.card["data"]["name"] if shared else None  # the data set the card was made on
-    if data is None or not data.is_dir():
-        pytest.skip(f"real data ../shared/data/{predictor.card['data']['name']} is absent")
+    data = shared_data(predictor.card["data"]["name"])  # the data set the card was made on
     records = parse_label_file(data / "val.txt")
     labels = np.array([r.label for r in records])
     scores = np.array([predictor.predict(load_upload(data / "val" / r.filename)).p_positive for r in records])

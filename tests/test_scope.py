@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import shared_data
 from gradio_client import handle_file
 from PIL import Image
 from synthetic_inputs import export_tiny_model, launched, not_xrays, offline_client, synthetic_gate, xray_like
@@ -264,21 +265,12 @@ def lung_model():
     return load_lung_model(default_lung_weights())[0]
 
 
-def _shared(name: str) -> Path:
-    from conftest import shared_data_dir
-
-    shared = shared_data_dir()
-    if shared is None or not (shared / name).is_dir():
-        pytest.skip(f"real data ../shared/data/{name} is absent")
-    return shared / name
-
-
 def test_the_lateral_views_of_covidx_mini_are_refused(lung_model):
     from covidtl.images import load_image
     from covidtl.lungs import locate_lungs
     from train.scope import LATERAL_VIEWS
 
-    root = _shared("covidx-mini")
+    root = shared_data("covidx-mini")
     for name in LATERAL_VIEWS:
         reason = lung_field_reason(locate_lungs(load_image(root / name, grey=True), lung_model))
         assert reason is not None and reason.startswith(LUNG_FIELD_REASON), name
@@ -299,7 +291,7 @@ def test_frontal_films_of_every_source_keep_two_lung_fields(lung_model):
     from covidtl.labels import parse_label_file
     from covidtl.lungs import locate_lungs
 
-    root = _shared("covidx-large")
+    root = shared_data("covidx-large")
     records = parse_label_file(root / "val.txt")
     sources = sorted({r.source for r in records})
     assert len(sources) == 6

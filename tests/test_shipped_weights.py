@@ -8,10 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import shared_data
 
 from covidtl import metrics
-from covidtl.classes import CLASSES
 from covidtl.cache import ensure_cache
+from covidtl.classes import CLASSES
 from covidtl.engine import predict_scores
 from covidtl.export import card_temperature, list_exported, load_model, read_card
 from covidtl.labels import parse_label_file
@@ -108,15 +109,6 @@ def test_the_readmes_model_table_is_generated_from_the_cards():
         model_table.with_summary("# A README without the markers\n", rows)
 
 
-def _data(name: str) -> Path:
-    from conftest import shared_data_dir
-
-    shared = shared_data_dir()
-    if shared is None or not (shared / name).is_dir():
-        pytest.skip(f"real data ../shared/data/{name} is absent (only on development machines)")
-    return shared / name
-
-
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
 def test_predictions_reproduce_the_card_exactly(path, tmp_path):
     """The card's test metrics are its stored per-film scores at its threshold, and the
@@ -132,7 +124,7 @@ def test_predictions_reproduce_the_card_exactly(path, tmp_path):
         want = expected["overall"][name]["value"]
         assert (np.isnan(value) and want is None) or value == pytest.approx(want, abs=1e-6), name
 
-    root = _data(card["data"]["name"])
+    root = shared_data(card["data"]["name"])
     records = parse_label_file(root / "test.txt")
     assert sorted(r.filename for r in records) == sorted(stored)
     label_file = root / "test.txt"
