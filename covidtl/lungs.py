@@ -299,7 +299,8 @@ def draw_outline(image_rgb: np.ndarray, lungs: np.ndarray, colour: tuple[int, in
 
 class LungOutliner:
     """The lung model, loaded once and shared between threads (a lock serializes its
-    forward passes), to show where the lungs are on the part of a film a classifier sees."""
+    forward passes): `covidtl.answer` locates the lungs of a film with it, to check for two
+    lung fields and to outline them on the part of the film a classifier sees."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model.eval()
@@ -314,14 +315,6 @@ class LungOutliner:
             log.info("no lung model at %s: heatmaps are shown without the lungs' outline", path)
             return None
         return cls(load_lung_model(path)[0])
-
-    def in_view(self, image: Image.Image, input_size: int, crop_fraction: float) -> np.ndarray | None:
-        """bool [input_size, input_size]: the lungs of `image` where a whole-film classifier
-        with this framing sees them; None when the mask is implausible. (A lung-crop model's
-        outline comes from its own crop: `lungs_in_view(Predictor.lung_crop(image), ...)`.)"""
-        with self.lock:
-            found = locate_lungs(image, self.model)
-        return lungs_in_view(found, input_size, crop_fraction)
 
 
 # --- export and load ----------------------------------------------------------------
