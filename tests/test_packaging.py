@@ -86,4 +86,4 @@ def test_ci_runs_exactly_the_readme_test_command():
     ci = (REPO / ".ci" / "run").read_text().splitlines()
     ci = [line for line in ci if "pytest" in line and not line.startswith("#")]
     readme = [line.strip() for line in (REPO / "README.md").read_text().splitlines() if "-m pytest" in line]
-    assert ci == readme == ["python3 -m pytest -q --durations=15"]
+    assert ci == readme == ["python3 -m pytest -q -n 2 --durations=15"]
