@@ -243,8 +243,10 @@ def compare_film(
 ) -> list[Answer]:
     """The answers of every model in `predictors` for the film `file`, in that order, as
     `answer_film` gives them, with the film decoded and checked once, its lungs located
-    once, and one input tensor (and lung crop) per geometry. `held_out`: model name ->
-    leave-one-source-out result. Each answer's timings count the shared steps and its own."""
+    once (one pass of `lungs`, which also gives the crop of a lung-crop model trained with
+    it: `Predictor.uses_lung_model`), and one input tensor (and lung crop) per geometry.
+    `held_out`: model name -> leave-one-source-out result. Each answer's timings count the
+    shared steps and its own."""
     if not predictors:
         raise ValueError("compare_film needs at least one model")
     if heatmap is not None:
@@ -260,19 +262,22 @@ def compare_film(
     if not scope.in_scope:
         return [_refused(base, scope.reason, scope.check, {**shared, "total": _ms_since(start)}) for base in bases]
 
-    located: LungCrop | None = None  # the whole film's lungs, shared by the models that do not crop
+    # The whole film's lungs, found once by the lung model `lungs`: for the models that do not
+    # crop, and cropped for those trained with the same lung model (no second pass).
+    located: LungCrop | None = None
     prepared: dict[tuple, tuple[LungCrop | None, torch.Tensor | None]] = {}  # geometry -> (crop, tensor)
     answers = []
     for predictor, base in zip(predictors, bases):
         timings = dict(shared)
         step = time.perf_counter()
-        if predictor.geometry not in prepared:
-            prepared[predictor.geometry] = (predictor.lung_crop(film), None)  # None for a whole-film model
-        crop, x = prepared[predictor.geometry]
-        if crop is None and lungs is not None and located is None:
+        shares_lungs = lungs is not None and (predictor.lungs is None or predictor.uses_lung_model(lungs.sha256))
+        if shares_lungs and located is None:
             with lungs.lock:  # the lung model is shared between requests
                 located = locate_lungs(film, lungs.model)
-        found = crop if crop is not None else located if lungs is not None else None
+        if predictor.geometry not in prepared:  # None for a whole-film model
+            prepared[predictor.geometry] = (predictor.lung_crop(film, located if shares_lungs else None), None)
+        crop, x = prepared[predictor.geometry]
+        found = crop if crop is not None else located
         reason = lung_field_reason(found) if found is not None else None
         if found is not None:
             timings["lungs"] = _ms_since(step)

@@ -20,7 +20,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -278,16 +278,25 @@ class Predictor:
         lungs = self.card["lung_crop"]["lung_model_sha256"] if self.lungs is not None else None
         return (self.input_size, self.crop_fraction, self.equalize, self.mean, self.std, lungs)
 
-    def lung_crop(self, image: Image.Image) -> LungCrop | None:
+    def lung_crop(self, image: Image.Image, located: LungCrop | None = None) -> LungCrop | None:
         """For a lung-crop model, `image` cut to its lungs (the training cache's
         `covidtl.lungs.crop_to_lungs`; kept whole when its mask is implausible), with the
         mask: one pass of the lung model, to hand to `preprocess`, `view` and the lungs'
-        outline. None for other models."""
+        outline. None for other models. `located`: the lungs of this `image` already found
+        by this model's own lung model (`covidtl.lungs.locate_lungs`), to crop without
+        another pass."""
         if self.lungs is None:
             return None
-        from covidtl.lungs import crop_to_lungs
+        from covidtl.lungs import crop_located, crop_to_lungs
 
-        return crop_to_lungs(_l_or_rgb(image), self.lungs)
+        if located is None:
+            return crop_to_lungs(_l_or_rgb(image), self.lungs)
+        return crop_located(replace(located, image=_l_or_rgb(image)))
+
+    def uses_lung_model(self, sha256: str | None) -> bool:
+        """Whether this is a lung-crop model trained with the lung model whose weights have
+        checksum `sha256` (`covidtl.lungs.LungOutliner.sha256`)."""
+        return self.lungs is not None and sha256 is not None and self.card["lung_crop"]["lung_model_sha256"] == sha256
 
     def framed(self, image: Image.Image, lung_crop: LungCrop | None = None) -> Image.Image:
         """`image` as "L" or RGB, cut to its lungs first for a lung-crop model (`lung_crop`

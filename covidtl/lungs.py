@@ -236,18 +236,24 @@ def crop_to_lungs(image: Image.Image, model: nn.Module, margin: float = CROP_MAR
     """Crop `image` to its lungs' bounding box plus `margin`; keep it whole when the
     predicted mask is implausible. The one function both the image cache build and the
     Predictor call, so that inference sees what training saw."""
-    logits = lung_logits(model, image)
-    check = check_mask(mask_from_logits(logits, image.height, image.width))
-    if not check.plausible:
-        return LungCrop(image, None, check, logits)
-    box = lung_box(check.lungs, margin)
-    return LungCrop(image.crop(box), box, check, logits)
+    return crop_located(locate_lungs(image, model), margin)
 
 
 def locate_lungs(image: Image.Image, model: nn.Module) -> LungCrop:
     """`image` kept whole, with its lung mask check (for audits of uncropped models)."""
     logits = lung_logits(model, image)
     return LungCrop(image, None, check_mask(mask_from_logits(logits, image.height, image.width)), logits)
+
+
+def crop_located(located: LungCrop, margin: float = CROP_MARGIN) -> LungCrop:
+    """`crop_to_lungs` of a film whose lungs `locate_lungs` has already found (`located`,
+    kept whole): the same crop, without another pass of the lung model."""
+    if located.box is not None:
+        raise ValueError("crop_located needs a whole film's lungs (locate_lungs), not a crop")
+    if not located.check.plausible:
+        return located
+    box = lung_box(located.check.lungs, margin)
+    return LungCrop(located.image.crop(box), box, located.check, located.logits)
 
 
 def lungs_in_view(lung_crop: LungCrop, input_size: int, crop_fraction: float) -> np.ndarray | None:
@@ -302,8 +308,11 @@ class LungOutliner:
     forward passes): `covidtl.answer` locates the lungs of a film with it, to check for two
     lung fields and to outline them on the part of the film a classifier sees."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, sha256: str | None = None) -> None:
+        """`sha256`: the checksum of the model's weights (its card's ``weights_sha256``), by
+        which a lung-crop classifier trained with the same lung model is recognised."""
         self.model = model.eval()
+        self.sha256 = sha256
         self.lock = threading.Lock()
 
     @classmethod
@@ -314,7 +323,8 @@ class LungOutliner:
         if not path.is_file():
             log.info("no lung model at %s: heatmaps are shown without the lungs' outline", path)
             return None
-        return cls(load_lung_model(path)[0])
+        model, card = load_lung_model(path)
+        return cls(model, card["weights_sha256"])
 
 
 # --- export and load ----------------------------------------------------------------

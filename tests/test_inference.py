@@ -30,7 +30,7 @@ from covidtl.inference import (
     load_predictors,
     load_upload,
 )
-from covidtl.lungs import LungOutliner
+from covidtl.lungs import LungOutliner, crop_located
 from covidtl.models import create_model
 from covidtl.scope import ScopeGate
 
@@ -386,6 +386,27 @@ def test_a_film_without_two_lung_fields_is_out_of_scope_for_every_model(predicto
     assert whole.lungs_in_view.shape == (224, 224) and cropped.lungs_in_view.shape == (64, 64)  # outlines to draw
     # without a lung model, a whole-film model is not asked about lung fields
     assert answer_film(films["one field"], predictor, ScopeGate()).in_scope
+
+
+def test_a_lung_crop_model_trained_with_the_folders_lung_model_reuses_its_pass(predictor, films):
+    """Compare with a whole-film model and a lung-crop model whose card names the lung model
+    of the folder (same weights checksum): one lung-model pass serves the lung check, the
+    crop and both outlines, and the answers are those of separate passes."""
+    lung_model = TwoOrOneLungs()
+    models = [predictor, _lung_crop_predictor(lung_model)]
+    separate = compare_film(films["frontal"], models, ScopeGate(), lungs=LungOutliner(lung_model), heatmap="Grad-CAM")
+    assert lung_model.passes == 2  # an outliner of unknown weights: the crop makes its own pass
+    lung_model.passes = 0
+    shared = compare_film(films["frontal"], models[::-1], ScopeGate(), lungs=LungOutliner(lung_model, "f"),
+                          heatmap="Grad-CAM")[::-1]
+    assert lung_model.passes == 1
+    for one, other in zip(separate, shared):
+        assert (one.p_covid, one.lung_box) == (other.p_covid, other.lung_box)
+        assert np.array_equal(one.view, other.view) and np.array_equal(one.lungs_in_view, other.lungs_in_view)
+    assert not models[1].uses_lung_model("g") and not predictor.uses_lung_model("f")
+    crop = models[1].lung_crop(load_upload(films["frontal"]))
+    with pytest.raises(ValueError, match="whole film"):
+        crop_located(crop)
 
 
 def test_compare_film_decodes_checks_and_locates_the_lungs_once(weights_dir, films):
