@@ -6,7 +6,8 @@
 - the Space front matter at the top of README.md agrees with the code (sdk, the gradio pin,
   the app file, the Python version);
 - every tracked weight and image file is routed to Git LFS by .gitattributes (the Hub
-  refuses binary files that LFS does not track);
+  refuses binary files that LFS does not track), and docs/deploy.md's commands, run against a
+  local bare repository, push every one of them as an LFS object;
 - the README's `gradio_client` example runs as written against the app on the shipped
   weights and prints the output the README shows.
 """
@@ -18,7 +19,10 @@ import contextlib
 import fnmatch
 import io
 import math
+import os
 import re
+import shlex
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -179,6 +183,70 @@ def test_an_unrouted_binary_is_found():
     patterns = ["*.png"]
     assert _routed_to_lfs("assets/screenshot-classify.png", patterns)
     assert not _routed_to_lfs("weights/model.safetensors", patterns)
+
+
+# --------------------------------------------------------------------------- the deploy steps
+
+DEPLOY = ROOT / "docs" / "deploy.md"
+LFS_POINTER = b"version https://git-lfs.github.com/spec/v1\n"
+
+
+def deploy_commands(text: str) -> list[str]:
+    """The command block of docs/deploy.md: the steps that push a fresh clone to a Space."""
+    block = re.search(r"\n\n((?: {4}(?:git|cd) .*\n)+)", text)
+    assert block, "docs/deploy.md needs its block of commands (git clone ... git push ...)"
+    return [line.strip() for line in block[1].splitlines()]
+
+
+def _git(*args: str, cwd: Path, env: dict) -> str:
+    proc = subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"git {' '.join(args)} failed: {proc.stderr[-2000:]}"
+    return proc.stdout
+
+
+@pytest.mark.skipif(shutil.which("git-lfs") is None, reason="Git LFS is not installed (.ci/run installs it)")
+def test_the_deploy_steps_push_every_weight_and_image_as_an_lfs_object(tmp_path):
+    """docs/deploy.md's commands, run as written, with a local bare repository for the Space:
+    every weight and image blob of every pushed commit is an LFS pointer (what the Hub asks),
+    and a clone of the pushed repository gets this checkout's committed files back."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    head = _git("ls-tree", "-r", "HEAD", cwd=ROOT, env=dict(os.environ))
+    committed = {line.split("\t", 1)[1]: line.split()[2] for line in head.splitlines()}
+    binaries = sorted(path for path in committed if path.lower().endswith(BINARY_EXTENSIONS))
+    # Git and Git LFS configured only here: the user's and the system's settings stay out.
+    env = {**os.environ, "HOME": str(tmp_path), "GIT_CONFIG_NOSYSTEM": "1", "GIT_TERMINAL_PROMPT": "0"}
+    space = tmp_path / "space.git"
+    _git("init", "-q", "--bare", str(space), cwd=tmp_path, env=env)
+    commands = deploy_commands(DEPLOY.read_text())
+    assert commands[0].startswith("git clone <this repository> ") and commands[-1].startswith("git push")
+    cwd = tmp_path
+    for command in commands:
+        words = shlex.split(command.replace("<this repository>", shlex.quote(str(ROOT))))
+        words = [str(space) if "<user>/<space>" in word else word for word in words]
+        if words[0] == "cd":
+            cwd = cwd / words[1]
+            continue
+        _git(*words[1:], cwd=cwd, env=env)
+
+    objects = _git("rev-list", "--objects", "--all", cwd=space, env=env).splitlines()
+    sent = [line.split(" ", 1)[0] for line in objects if line.lower().endswith(BINARY_EXTENSIONS)]
+    assert len(sent) >= len(binaries) > 0
+    blobs = subprocess.run(["git", "cat-file", "--batch"], cwd=space, env=env, input="\n".join(sent).encode() + b"\n",
+                           capture_output=True, check=True, timeout=600).stdout  # fmt: skip
+    not_pointers = []
+    for oid in sent:
+        header, blobs = blobs.split(b"\n", 1)
+        size = int(header.split()[2])
+        if not blobs[:size].startswith(LFS_POINTER):
+            not_pointers.append(oid)
+        blobs = blobs[size + 1 :]
+    assert not_pointers == [], f"{len(not_pointers)} weight or image blobs pushed without LFS"
+
+    pulled = tmp_path / "pulled"
+    _git("clone", "-q", "-b", "main", str(space), str(pulled), cwd=tmp_path, env=env)
+    back = _git("hash-object", "--no-filters", "--", *binaries, cwd=pulled, env=env).split()
+    assert back == [committed[path] for path in binaries]  # the same bytes as this checkout's HEAD
 
 
 # --------------------------------------------------------------------------- the README's API example
