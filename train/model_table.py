@@ -188,12 +188,17 @@ def audit_cell(audits: list[dict]) -> str:
 def ingredient_rows(reference: dict, results: list[dict], root: Path, audit: bool = False) -> list[str]:
     """One row per recipe: what it changes from `reference` (a `train.loso` result) and
     each held-out source's AUC, sensitivity and specificity; with `audit`, the folds' mean
-    site-audit balanced accuracy per class (chance in brackets)."""
+    site-audit balanced accuracy per class (chance in brackets). The runs of one recipe
+    (other seeds) follow each other, the reference's right after it."""
     sources = sorted({fold["held_out"] for result in [reference, *results] for fold in result["folds"]})
     base = recipe_of(reference, root)
     extra = ["site audit: source probe balanced accuracy (chance)"] if audit else []
     rows = ["| recipe | change from the reference | " + " | ".join([f"{s} held out" for s in sources] + extra) + " |",
             "|---|---|" + "---|" * (len(sources) + len(extra))]
+    order = {reference["recipe"]: 0}  # each recipe's runs together, its seeds in order
+    for result in results:
+        order.setdefault(result["recipe"], len(order))
+    results = sorted(results, key=lambda r: (order[r["recipe"]], r.get("seed") or 0))
     for result in [reference, *results]:
         folds = {fold["held_out"]: fold for fold in result["folds"]}
         cells = [fold_cell(folds.get(source)) for source in sources]
