@@ -220,6 +220,7 @@ def test_the_deploy_steps_push_every_weight_and_image_as_an_lfs_object(tmp_path)
     _git("init", "-q", "--bare", str(space), cwd=tmp_path, env=env)
     commands = deploy_commands(DEPLOY.read_text())
     assert commands[0].startswith("git clone <this repository> ") and commands[-1].startswith("git push")
+    branch = shlex.split(commands[-1])[-1]
     cwd = tmp_path
     for command in commands:
         words = shlex.split(command.replace("<this repository>", shlex.quote(str(ROOT))))
@@ -228,6 +229,8 @@ def test_the_deploy_steps_push_every_weight_and_image_as_an_lfs_object(tmp_path)
             cwd = cwd / words[1]
             continue
         _git(*words[1:], cwd=cwd, env=env)
+        if words[1] == "clone":  # on the branch the docs push, as a clone from the hosting is (CI may be detached)
+            _git("checkout", "-q", "-B", branch, cwd=cwd / words[-1], env=env)
 
     objects = _git("rev-list", "--objects", "--all", cwd=space, env=env).splitlines()
     sent = [line.split(" ", 1)[0] for line in objects if line.lower().endswith(BINARY_EXTENSIONS)]
@@ -244,7 +247,7 @@ def test_the_deploy_steps_push_every_weight_and_image_as_an_lfs_object(tmp_path)
     assert not_pointers == [], f"{len(not_pointers)} weight or image blobs pushed without LFS"
 
     pulled = tmp_path / "pulled"
-    _git("clone", "-q", "-b", "main", str(space), str(pulled), cwd=tmp_path, env=env)
+    _git("clone", "-q", "-b", branch, str(space), str(pulled), cwd=tmp_path, env=env)
     back = _git("hash-object", "--no-filters", "--", *binaries, cwd=pulled, env=env).split()
     assert back == [committed[path] for path in binaries]  # the same bytes as this checkout's HEAD
 
