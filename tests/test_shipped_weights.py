@@ -12,10 +12,9 @@ from conftest import shared_data
 
 from covidtl import metrics
 from covidtl.cache import ensure_cache
-from covidtl.classes import CLASSES
 from covidtl.engine import predict_scores
 from covidtl.export import card_temperature, list_exported, load_model, read_card
-from covidtl.labels import parse_label_file
+from covidtl.labels import parse_label_file, write_label_file
 from covidtl.loaders import eval_loader
 from train import model_table
 
@@ -132,7 +131,7 @@ def test_predictions_reproduce_the_card_exactly(path, tmp_path):
         ranked = sorted(records, key=lambda r: (r.source, r.filename))
         records = [ranked[i] for i in np.linspace(0, len(ranked) - 1, REPRODUCED_FILMS).round().astype(int)]
         label_file = tmp_path / "sample.txt"  # the cache is keyed by its label file
-        label_file.write_text("".join(f"{r.patient_id} {r.filename} {CLASSES[r.label]} {r.source}\n" for r in records))
+        write_label_file(records, label_file)
     cache = None
     if card.get("lung_crop"):  # cut to the lungs as in training: a cache built with the card's lung model
         lung_weights = WEIGHTS / f"{card['lung_crop']['lung_model']}.safetensors"

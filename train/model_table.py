@@ -164,13 +164,18 @@ def recipe_changes(config: dict, reference: dict) -> str:
 LOSO_CELLS = (("auc", "AUC"), ("sensitivity", "sens"), ("specificity", "spec"))
 
 
+def fold_figures(overall: dict) -> list[tuple[str, str]]:
+    """(name, short name) of each `LOSO_CELLS` figure a held-out source's classes allow, in order."""
+    return [(name, short) for name, short in LOSO_CELLS if (overall.get(name) or {}).get("value") is not None]
+
+
 def fold_cell(fold: dict | None) -> str:
     """"AUC a (95 % interval), sens b, spec c" of a held-out source (what its classes allow)."""
     if fold is None:
         return "not run"
     overall = fold["overall"]
     return ", ".join(f"{short} {fmt(overall[name]) if name == 'auc' else format(overall[name]['value'], '.3f')}"
-                     for name, short in LOSO_CELLS if (overall.get(name) or {}).get("value") is not None)
+                     for name, short in fold_figures(overall))
 
 
 def audit_cell(audits: list[dict]) -> str:
@@ -348,7 +353,7 @@ def held_out_cell(result: dict | None) -> str:
     cells = []
     for fold in result["folds"]:
         overall = fold["overall"]
-        name, short = next(((n, s) for n, s in LOSO_CELLS if (overall.get(n) or {}).get("value") is not None))
+        name, short = fold_figures(overall)[0]
         cells.append(f"{fold['held_out']} {short} {overall[name]['value']:.3f}")
     return ", ".join(cells)
 
@@ -393,8 +398,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     outputs = {args.weights_dir / "README.md": render(args.weights_dir)}
     readme = args.weights_dir.resolve().parent / "README.md"  # the project's, when weights/ is in it
-    if readme.is_file() and README_START in readme.read_text():
-        outputs[readme] = with_summary(readme.read_text(), summary_rows(args.weights_dir))
+    current = readme.read_text() if readme.is_file() else ""
+    if README_START in current:
+        outputs[readme] = with_summary(current, summary_rows(args.weights_dir))
     for target, text in outputs.items():
         if args.check:
             if (target.read_text() if target.is_file() else "") != text:
