@@ -180,3 +180,16 @@ def test_the_table_names_unshipped_loso_recipes_and_compares_every_ingredient():
     shipped_loso = shipped & {r["recipe"] for r in same_data}
     assert shipped_loso and all(any(row.startswith(f"| `{name}` |") for row in rows) for name in shipped_loso)
     assert rows[0].startswith(f"| `{model_table.INGREDIENT_REFERENCE}` | none (the reference) |")
+
+
+def test_the_folders_lung_model_is_recognised_by_every_shipped_lung_crop_model():
+    """Compare locates the lungs once and crops from them (covidtl.answer.compare_film) for the
+    lung-crop models trained with the folder's lung model: `LungOutliner.from_folder` carries
+    its weights' checksum, and every shipped lung-crop card names that checksum."""
+    from covidtl.lungs import LUNG_MODEL_NAME, LungOutliner, load_lung_model
+
+    outliner = LungOutliner.from_folder(WEIGHTS)
+    assert outliner is not None
+    assert outliner.sha256 == load_lung_model(WEIGHTS / f"{LUNG_MODEL_NAME}.safetensors")[1]["weights_sha256"]
+    cropping = [card for card in (read_card(p.with_suffix(".json")) for p in SHIPPED) if card.get("lung_crop")]
+    assert cropping and all(card["lung_crop"]["lung_model_sha256"] == outliner.sha256 for card in cropping)
