@@ -56,6 +56,7 @@ import torch
 from PIL import Image
 
 from covidtl.export import sha256_file
+from covidtl.harmonize import at_film_size
 from covidtl.images import UnreadableImageError, load_image
 from covidtl.labels import Record
 from covidtl.scan import corrupt_images_error
@@ -125,6 +126,8 @@ class ImageCache:
     # was kept whole (its lung mask was implausible).
     lung_model_sha256: str | None = None
     kept_whole: dict[str, str] = field(default_factory=dict)
+    # Caches of films at one resolution (covidtl.harmonize) only: that film size.
+    film_size: int | None = None
 
     def __len__(self) -> int:
         return len(self.filenames)
@@ -177,13 +180,17 @@ def _files_fingerprint(records: Sequence[Record], image_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def _folder_name(image_dir: Path, input_size: int, crop_fraction: float, color: str, lung_sha: str | None = None) -> str:
+def _folder_name(image_dir: Path, input_size: int, crop_fraction: float, color: str, lung_sha: str | None = None,
+                 film_size: int | None = None) -> str:
     side = round(input_size / crop_fraction)
     text = f"{image_dir.resolve()}\0{input_size}\0{crop_fraction!r}\0{color}"
     if lung_sha is not None:  # lung-cropped: another cache per lung model
         text += f"\0lungs\0{lung_sha}"
+    if film_size is not None:  # films at one resolution: another cache per film size
+        text += f"\0film\0{film_size}"
     key = hashlib.sha256(text.encode()).hexdigest()
-    return f"{image_dir.name}-{side}px-{color}{'-lungs' if lung_sha else ''}-{key[:12]}"
+    film = f"-film{film_size}" if film_size is not None else ""
+    return f"{image_dir.name}-{side}px-{color}{'-lungs' if lung_sha else ''}{film}-{key[:12]}"
 
 
 def _stale_reason(index: dict[str, Any], expected: dict[str, Any]) -> str | None:
@@ -207,7 +214,7 @@ def _available_cpus() -> int:
 
 def _init_worker(
     pixels_path: str, image_dir: str, input_size: int, crop_fraction: float, color: str, lung_weights: str | None = None,
-    worker: bool = True,
+    film_size: int | None = None, worker: bool = True,
 ) -> None:
     lungs = None
     if lung_weights is not None:
@@ -224,6 +231,7 @@ def _init_worker(
         side=round(input_size / crop_fraction),
         input_size=input_size,
         color=color,
+        film_size=film_size,
     )
 
 
@@ -239,12 +247,13 @@ def _cache_one(task: tuple[int, str]) -> tuple[int, str | None, str | None]:
     except UnreadableImageError as error:
         cause = error.__cause__ or error
         return row, f"{type(cause).__name__}: {cause}", None
-    whole = None
+    whole, film = None, image.size
     if _job["lungs"] is not None:
         from covidtl.lungs import crop_to_lungs
 
         lung_crop = crop_to_lungs(image, _job["lungs"])
         image, whole = lung_crop.image, lung_crop.check.reason
+    image = at_film_size(image, film, _job["film_size"])
     image = _job["resize"](image)
     image = image.crop(crop_box(image.width, image.height, _job["side"], _job["input_size"]))
     if gray:
@@ -292,6 +301,7 @@ def _build(
     num_workers: int,
     progress: Progress,
     lung_weights: Path | None = None,
+    film_size: int | None = None,
 ) -> None:
     """Build the cache into `folder`; adds ``kept_whole`` to `index` for lung crops."""
     side = round(input_size / crop_fraction)
@@ -303,7 +313,7 @@ def _build(
         pixels_path = staging / _PIXELS
         np.lib.format.open_memmap(pixels_path, mode="w+", dtype=np.uint8, shape=shape).flush()
         setup = (str(pixels_path), str(image_dir), input_size, crop_fraction, color,
-                 None if lung_weights is None else str(lung_weights))
+                 None if lung_weights is None else str(lung_weights), film_size)
         tasks = [(i, record.filename) for i, record in enumerate(records)]
         if num_workers > 0:
             with ProcessPoolExecutor(num_workers, initializer=_init_worker, initargs=setup) as pool:
@@ -347,6 +357,7 @@ def ensure_cache(
     num_workers: int | None = None,
     progress: Progress = None,
     lung_weights: str | Path | None = None,
+    film_size: int | None = None,
 ) -> ImageCache:
     """The cache of ``records``' images for this geometry: reused when still valid, else built.
 
@@ -364,6 +375,8 @@ def ensure_cache(
             are stored; called only when the cache is built.
         lung_weights: a lung model (``covidtl.lungs``) to crop each image to its lungs
             first, or None for whole images.
+        film_size: bring each image (or its lung crop) to the detail of a ``film_size``
+            square copy of it first (:func:`covidtl.harmonize.at_film_size`), or None.
 
     Raises:
         ValueError: unknown ``color`` or a bad geometry.
@@ -378,7 +391,7 @@ def ensure_cache(
     image_dir, label_file = Path(image_dir), Path(label_file)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     lung_sha = None if lung_weights is None else sha256_file(Path(lung_weights))
-    folder = cache_dir / _folder_name(image_dir, input_size, crop_fraction, color, lung_sha)
+    folder = cache_dir / _folder_name(image_dir, input_size, crop_fraction, color, lung_sha, film_size)
     side = round(input_size / crop_fraction)
     expected = {
         "version": FORMAT_VERSION,
@@ -393,6 +406,8 @@ def ensure_cache(
     }
     if lung_sha is not None:
         expected["lung_model_sha256"] = lung_sha
+    if film_size is not None:
+        expected["film_size"] = film_size
     with _locked(folder):
         try:
             index = json.loads((folder / _INDEX).read_text(encoding="utf-8"))
@@ -409,7 +424,7 @@ def ensure_cache(
                 "created": datetime.now(UTC).isoformat(timespec="seconds"),
             }
             _build(folder, records, image_dir, input_size, crop_fraction, color, index, workers, progress,
-                   None if lung_weights is None else Path(lung_weights))
+                   None if lung_weights is None else Path(lung_weights), film_size)
             logger.info("built %s in %.1f s", folder.name, time.perf_counter() - started)
         else:
             logger.info("using image cache %s (%d images)", folder, len(records))
@@ -423,6 +438,7 @@ def ensure_cache(
         labels=tuple(expected["labels"]),
         lung_model_sha256=lung_sha,
         kept_whole=dict(index.get("kept_whole", {})),
+        film_size=film_size,
     )
 
 

@@ -90,6 +90,10 @@ class TrainConfig:
     # True: histogram-equalize every framed film, in training and at inference alike
     # (covidtl.transforms.Equalize); the card records it and the Predictor follows it.
     equalize: bool = False
+    # N: every film seen at the detail of an N x N copy of it (covidtl.harmonize), as
+    # covidx-large's bimcv and rsna films are at 224; done in the cache build and by the
+    # Predictor, so it needs a cache. None: each film at its own resolution.
+    film_size: int | None = None
     # Only these sources train and select the model (train and validation splits), e.g.
     # ["cohen", "fig1", "nih"] for adult films only; None: every source. The test split is
     # scored whole, so the card also shows the sources left out.
@@ -118,6 +122,10 @@ class TrainConfig:
             raise ValueError(f"unknown crop {self.crop!r}; choose from {list(CROP)}")
         if self.crop == "lungs" and self.cache == "none":
             raise ValueError('crop = "lungs" is computed in the image cache build: set cache = "gray" or "rgb"')
+        if self.film_size is not None and self.cache == "none":
+            raise ValueError('film_size is applied in the image cache build: set cache = "gray" or "rgb"')
+        if self.film_size is not None and self.film_size < 32:
+            raise ValueError(f"film_size must be 32 px or more (or left out for each film's own), not {self.film_size}")
         if (self.mean is None) != (self.std is None):
             raise ValueError("give both mean and std, or neither")
         if self.weights_dtype not in ("float32", "float16"):

@@ -160,3 +160,15 @@ def seeded():
     with torch.random.fork_rng():
         torch.manual_seed(0)
         yield
+
+
+@pytest.fixture
+def fake_lungs(tmp_path, monkeypatch):
+    """A lung weights file (its bytes only feed the cache key) that loads as FakeLungs."""
+    path = tmp_path / "fake_lungs.safetensors"
+    path.write_bytes(b"fake lung model")
+    from covidtl import lungs
+    from tests.synthetic_inputs import FakeLungs
+
+    monkeypatch.setattr(lungs, "load_lung_model", lambda p: (FakeLungs(), {"name": "fake", "weights_sha256": "f"}))
+    return path

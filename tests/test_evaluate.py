@@ -12,8 +12,7 @@ from covidtl.export import load_model
 from covidtl.images import load_image
 from covidtl.inference import Predictor
 from covidtl.labels import parse_label_file, split_paths
-from tests.synthetic_inputs import export_tiny_model
-from tests.test_lung_crop import FakeLungs
+from tests.synthetic_inputs import FakeLungs, export_tiny_model
 from train import evaluate as evaluate_cli
 
 

@@ -9,7 +9,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from covidtl import lungs
 from covidtl.audit import cam_audit
@@ -23,32 +22,10 @@ from covidtl.inference import Predictor
 from covidtl.labels import parse_label_file, split_paths
 from covidtl.models import create_model, get_spec
 from covidtl.transforms import build_transform
+from tests.synthetic_inputs import FakeLungs
 
 SIZE, FRACTION = 32, 0.9
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
-
-
-class FakeLungs(nn.Module):
-    """Stands in for the lung model: two lungs (left and right thirds of the middle rows)
-    when the film's centre is bright (tiny_covidx's positives), none otherwise."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, _, h, w = x.shape
-        logits = torch.full((b, 1, h, w), -10.0)
-        for i in range(b):
-            if x[i, 0, h // 2, w // 2] > 0.3:
-                logits[i, 0, h // 4 : 3 * h // 4, w // 8 : 3 * w // 8] = 10.0
-                logits[i, 0, h // 4 : 3 * h // 4, 5 * w // 8 : 7 * w // 8] = 10.0
-        return logits
-
-
-@pytest.fixture
-def fake_lungs(tmp_path, monkeypatch):
-    """A lung weights file (its bytes only feed the cache key) that loads as FakeLungs."""
-    path = tmp_path / "fake_lungs.safetensors"
-    path.write_bytes(b"fake lung model")
-    monkeypatch.setattr(lungs, "load_lung_model", lambda p: (FakeLungs(), {"name": "fake", "weights_sha256": "f"}))
-    return path
 
 
 def _split(root, split="test"):

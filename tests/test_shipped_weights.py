@@ -133,11 +133,11 @@ def test_predictions_reproduce_the_card_exactly(path, tmp_path):
         label_file = tmp_path / "sample.txt"  # the cache is keyed by its label file
         write_label_file(records, label_file)
     cache = None
-    if card.get("lung_crop"):  # cut to the lungs as in training: a cache built with the card's lung model
-        lung_weights = WEIGHTS / f"{card['lung_crop']['lung_model']}.safetensors"
+    if card.get("lung_crop") or card.get("film_size"):  # framed as in training: the card's lung model, film size
+        lung_weights = WEIGHTS / f"{card['lung_crop']['lung_model']}.safetensors" if card.get("lung_crop") else None
         cache = ensure_cache(records, root / "test", label_file, tmp_path, card["input_size"],
                              card["crop_fraction"], color=card["config"]["cache"], num_workers=0,
-                             lung_weights=lung_weights)
+                             lung_weights=lung_weights, film_size=card.get("film_size"))
     loader = eval_loader(records, root / "test", card["input_size"], card["mean"], card["std"],
                          card["crop_fraction"], batch_size=32, num_workers=0, cache=cache,
                          equalize=card.get("equalize", False))

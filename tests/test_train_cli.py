@@ -117,6 +117,20 @@ def test_a_recipe_input_size_is_trained_on_recorded_and_served(tiny_covidx, tmp_
     assert served == pytest.approx(trained, abs=1e-5)
 
 
+def test_a_film_size_recipe_is_trained_on_recorded_and_served(tiny_covidx, tmp_path):
+    """film_size = 40 (tiny_covidx's films are 64 px): the training cache, the card and the app's
+    Predictor all bring each film to that detail, so the Predictor reproduces the card's test scores."""
+    recipe = write_recipe(tmp_path, epochs=1, input_size=48, cache="gray", film_size=40)
+    assert train_main(cli_args(recipe, tiny_covidx, tmp_path, "--cache-dir", str(tmp_path / "cache"))) == 0
+    card = json.loads((tmp_path / "weights" / "tiny.json").read_text())
+    assert card["film_size"] == 40 and any("film40" in p.name for p in (tmp_path / "cache").iterdir())
+    predictor = Predictor.from_file(tmp_path / "weights" / "tiny.safetensors")
+    trained = [r["p_positive"] for r in card["metrics"]["test"]["scores"]]
+    served = [predictor.predict(load_upload(tiny_covidx / "test" / r["filename"])).p_positive
+              for r in card["metrics"]["test"]["scores"]]
+    assert served == pytest.approx(trained, abs=1e-5)
+
+
 def test_a_mixup_recipe_mixes_every_training_batch(tiny_covidx, tmp_path, monkeypatch):
     from covidtl import engine
 

@@ -56,14 +56,17 @@ def evaluate(args: argparse.Namespace) -> dict:
     records = check_images(parse_label_file(label_file), image_dir, on_missing=args.on_missing)
     records = scan_images(records, image_dir, on_corrupt=args.on_corrupt)
     cache = None
-    if card.get("lung_crop"):  # cut each film to its lungs as in training and in the app (the cache build does it)
+    if card.get("lung_crop") or card.get("film_size"):
+        # cut each film to its lungs and bring it to the card's film size as in training and in the app
+        # (the cache build does both)
         from covidtl.cache import ensure_cache
         from covidtl.lungs import default_lung_weights
 
-        bar = lambda it: tqdm(it, desc="lung crop", leave=False, disable=not args.progress)  # noqa: E731
+        bar = lambda it: tqdm(it, desc="caching films", leave=False, disable=not args.progress)  # noqa: E731
+        lung_weights = (args.lung_weights or default_lung_weights()) if card.get("lung_crop") else None
         cache = ensure_cache(records, image_dir, label_file, args.cache_dir, card["input_size"],
-                             card.get("crop_fraction", 0.9), progress=bar,
-                             lung_weights=args.lung_weights or default_lung_weights())
+                             card.get("crop_fraction", 0.9), progress=bar, lung_weights=lung_weights,
+                             film_size=card.get("film_size"))
     loader = eval_loader(records, image_dir, card["input_size"], card["mean"], card["std"],
                          card.get("crop_fraction", 0.9), batch_size=args.batch_size, num_workers=args.num_workers,
                          cache=cache, equalize=bool(card.get("equalize", False)))
