@@ -168,3 +168,13 @@ def test_the_site_blind_table_adds_each_recipes_mean_site_audit(tmp_path):
     rows = model_table.ingredient_rows(result, [], tmp_path, audit=True)
     assert rows[0].endswith("| b held out | site audit: source probe balanced accuracy (chance) |")
     assert rows[2].endswith("| sens 0.900 | spec 0.700 | Negative 0.70 (0.25), COVID-19 0.80 (0.50) |")
+
+
+def test_the_site_blind_comparison_is_read_against_the_references_full_run():
+    def run(folds, **extra):
+        return {"recipe": model_table.SITE_BLIND_REFERENCE, "folds": [{"held_out": s} for s in folds]} | extra
+
+    full, longer, seed1 = run("abcd"), run("d", epochs=8), run("abcd", seed=1)
+    other = run("abcd") | {"recipe": "another"}
+    assert model_table.site_blind_reference([longer, seed1, other, full]) is full
+    assert model_table.site_blind_reference([other]) is None
