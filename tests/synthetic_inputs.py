@@ -207,14 +207,23 @@ def not_xrays(size: int = 160) -> dict[str, np.ndarray]:
 
 
 class FakeLungs(nn.Module):
-    """Stands in for the lung model: two lungs (left and right thirds of the middle rows)
-    when the film's centre is bright (tiny_covidx's positives), none otherwise."""
+    """Stands in for the lung model: two lungs (the left and right thirds of the middle rows)
+    when the film's centre is brighter than `bright` (tiny_covidx's positives at 0.3,
+    `xray_like(bright_disk=True)` at 0.6); otherwise no lungs, or with `blob` one central blob
+    (not a frontal chest). `passes` counts the films it has seen."""
+
+    def __init__(self, bright: float = 0.3, blob: bool = False) -> None:
+        super().__init__()
+        self.bright, self.blob, self.passes = bright, blob, 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.passes += len(x)
         b, _, h, w = x.shape
         logits = torch.full((b, 1, h, w), -10.0)
         for i in range(b):
-            if x[i, 0, h // 2, w // 2] > 0.3:
+            if x[i, 0, h // 2, w // 2] > self.bright:
                 logits[i, 0, h // 4 : 3 * h // 4, w // 8 : 3 * w // 8] = 10.0
                 logits[i, 0, h // 4 : 3 * h // 4, 5 * w // 8 : 7 * w // 8] = 10.0
+            elif self.blob:
+                logits[i, 0, h // 4 : 3 * h // 4, 3 * w // 8 : 5 * w // 8] = 10.0
         return logits

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from synthetic_inputs import export_tiny_model, hook_count, make_dicom, not_xrays, save_png, xray_like
+from synthetic_inputs import FakeLungs, export_tiny_model, hook_count, make_dicom, not_xrays, save_png, xray_like
 from torch import nn
 
 from covidtl.answer import LUNG_CHECK, ModelFolder, answer_film, compare_film
@@ -305,25 +305,10 @@ def test_a_load_that_fails_is_tried_again():
 # --------------------------------------------------------------------------- the answer
 
 
-class TwoOrOneLungs(nn.Module):
-    """Stands in for the lung model: two side-by-side lung fields when the film's centre is
-    bright (`xray_like(bright_disk=True)`), one central blob (not a frontal chest) otherwise."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.passes = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.passes += len(x)
-        b, _, h, w = x.shape
-        logits = torch.full((b, 1, h, w), -10.0)
-        for i in range(b):
-            if x[i, 0, h // 2, w // 2] > 0.6:
-                logits[i, 0, h // 4 : 3 * h // 4, w // 8 : 3 * w // 8] = 10.0
-                logits[i, 0, h // 4 : 3 * h // 4, 5 * w // 8 : 7 * w // 8] = 10.0
-            else:
-                logits[i, 0, h // 4 : 3 * h // 4, 3 * w // 8 : 5 * w // 8] = 10.0
-        return logits
+def two_or_one_lungs() -> FakeLungs:
+    """Two side-by-side lung fields when the film's centre is bright
+    (`xray_like(bright_disk=True)`), one central blob (not a frontal chest) otherwise."""
+    return FakeLungs(bright=0.6, blob=True)
 
 
 def _lung_crop_predictor(lung_model: nn.Module, name: str = "cropped") -> Predictor:
@@ -373,7 +358,7 @@ def test_an_image_the_input_check_refuses_gets_no_probability(predictor, films):
 def test_a_film_without_two_lung_fields_is_out_of_scope_for_every_model(predictor, films):
     """A whole-film model asks the lung model; a lung-crop model checks its own crop: both
     refuse a film in which no two lung fields are found, with the reason."""
-    lung_model = TwoOrOneLungs()
+    lung_model = two_or_one_lungs()
     models = [predictor, _lung_crop_predictor(lung_model)]
     refused = compare_film(films["one field"], models, ScopeGate(), lungs=LungOutliner(lung_model), heatmap="Grad-CAM")
     assert [a.decision for a in refused] == [OUT_OF_SCOPE] * 2 and all(a.p_covid is None for a in refused)
@@ -392,7 +377,7 @@ def test_a_lung_crop_model_trained_with_the_folders_lung_model_reuses_its_pass(p
     """Compare with a whole-film model and a lung-crop model whose card names the lung model
     of the folder (same weights checksum): one lung-model pass serves the lung check, the
     crop and both outlines, and the answers are those of separate passes."""
-    lung_model = TwoOrOneLungs()
+    lung_model = two_or_one_lungs()
     models = [predictor, _lung_crop_predictor(lung_model)]
     separate = compare_film(films["frontal"], models, ScopeGate(), lungs=LungOutliner(lung_model), heatmap="Grad-CAM")
     assert lung_model.passes == 2  # an outliner of unknown weights: the crop makes its own pass
@@ -417,7 +402,7 @@ def test_compare_film_decodes_checks_and_locates_the_lungs_once(weights_dir, fil
             CountingGate.checks += 1
             return super().check(image)
 
-    lung_model = TwoOrOneLungs()
+    lung_model = two_or_one_lungs()
     store = ModelStore(weights_dir)
     models = [store.get("tiny"), store.get("tiny-b")]  # two whole-film models of one geometry
     answers = compare_film(films["frontal"], models, CountingGate(), lungs=LungOutliner(lung_model))

@@ -82,16 +82,6 @@ def test_predictor_sees_what_training_saw(tiny_covidx, tmp_path, fake_lungs):
     assert predictor.resize_side == 2 * round(SIZE / FRACTION)
 
 
-class CountingLungs(FakeLungs):
-    def __init__(self) -> None:
-        super().__init__()
-        self.passes = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.passes += len(x)
-        return super().forward(x)
-
-
 def test_one_classify_request_runs_the_lung_model_once(tiny_covidx, monkeypatch):
     """A lung-crop model's crop, the view under its heatmap and the lungs' outline all come
     from one lung-model pass, which the outline reuses."""
@@ -100,7 +90,7 @@ def test_one_classify_request_runs_the_lung_model_once(tiny_covidx, monkeypatch)
 
     records, image_dir, _ = _split(tiny_covidx)
     film = image_dir / next(r.filename for r in records if r.label == 1)  # bright centre: FakeLungs finds lungs
-    counting = CountingLungs()
+    counting = FakeLungs()
     predictor = Predictor(create_model("resnet18"), _card(lung_crop=True), lung_model=counting)
     monkeypatch.setattr(app, "_predictor", lambda store, name: predictor)
     outliner = lungs.LungOutliner(counting)
@@ -117,7 +107,7 @@ def test_compare_crops_once_for_the_models_that_share_a_geometry(tiny_covidx, mo
 
     records, image_dir, _ = _split(tiny_covidx)
     film = image_dir / next(r.filename for r in records if r.label == 1)
-    counting = CountingLungs()
+    counting = FakeLungs()
     predictors = {name: Predictor(create_model("resnet18"), {**_card(lung_crop=True), "name": name}, lung_model=counting)
                   for name in ("a", "b")}
 
