@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
+import pytest
+
 import train.run as train_run
 from covidtl import cards
 from train import loso, model_table
@@ -161,13 +164,14 @@ def test_the_site_blind_table_adds_each_recipes_mean_site_audit(tmp_path):
         return {"per_class": {"negative": probe(negative, 0.25), "positive": probe(positive, 0.5)}}
 
     folds = [{"held_out": "a", "overall": {"auc": None, "sensitivity": {"value": 0.9}, "specificity": None},
-              "site_audit": audit(0.8, 0.9)},
+              "site_audit": audit(0.8, 0.9), "auc_against_validation": 0.75},
              {"held_out": "b", "overall": {"auc": None, "sensitivity": None, "specificity": {"value": 0.7}},
               "site_audit": audit(0.6, 0.7)}]
     result = {"recipe": "ref", "epochs": 2, "folds": folds, "command": "python -m train.loso --recipe recipes/ref.toml"}
     rows = model_table.ingredient_rows(result, [], tmp_path, audit=True)
     assert rows[0].endswith("| b held out | site audit: source probe balanced accuracy (chance) |")
-    assert rows[2].endswith("| sens 0.900 | spec 0.700 | Negative 0.70 (0.25), COVID-19 0.80 (0.50) |")
+    assert rows[2].endswith("| sens 0.900, AUC against validation 0.750 | spec 0.700 | Negative 0.70 (0.25), "
+                            "COVID-19 0.80 (0.50) |")
 
 
 def test_the_site_blind_comparison_is_read_against_the_references_full_run():
@@ -178,3 +182,12 @@ def test_the_site_blind_comparison_is_read_against_the_references_full_run():
     other = run("abcd") | {"recipe": "another"}
     assert model_table.site_blind_reference([longer, seed1, other, full]) is full
     assert model_table.site_blind_reference([other]) is None
+
+
+def test_a_one_class_source_is_ranked_against_the_validation_films_of_the_other_class():
+    val_labels, val_scores = np.array([0, 0, 1]), np.array([0.85, 0.1, 0.95])
+    covid = loso.auc_against_validation(np.array([1, 1]), np.array([0.9, 0.8]), val_labels, val_scores)
+    assert covid == pytest.approx(0.75)  # 0.9 and 0.8 against the validation negatives 0.85 and 0.1
+    normal = loso.auc_against_validation(np.array([0, 0]), np.array([0.2, 0.97]), val_labels, val_scores)
+    assert normal == pytest.approx(0.5)  # the validation positive 0.95 against 0.2 and 0.97
+    assert loso.auc_against_validation(np.array([0, 1]), np.array([0.2, 0.9]), val_labels, val_scores) is None

@@ -85,6 +85,17 @@ def _fold_logits(model, pieces, caches, config, mean, std, device) -> tuple[np.n
     return np.concatenate(all_logits), np.concatenate(all_labels)
 
 
+def auc_against_validation(labels: np.ndarray, scores: np.ndarray, val_labels: np.ndarray,
+                           val_scores: np.ndarray) -> float | None:
+    """A one-class held-out source's threshold-free figure: the AUC of its films (`labels`,
+    `scores`) against the fold's validation films of the other class, from the sources it trained
+    on. None where the held-out source has both classes (its own AUC says more)."""
+    if len(set(labels.tolist())) != 1:
+        return None
+    other = val_labels != labels[0]
+    return metrics.roc_auc(np.r_[labels, val_labels[other]], np.r_[scores, val_scores[other]])
+
+
 def run_fold(source: str, config, splits, caches, runs_dir: Path, device: torch.device, show: bool,
              root: Path) -> dict:
     """Train without `source`, score every image of it; the fold's JSON entry."""
@@ -125,6 +136,8 @@ def run_fold(source: str, config, splits, caches, runs_dir: Path, device: torch.
                                      seed=config.seed)
     return {
         "held_out": source,
+        "auc_against_validation": auc_against_validation(labels, scores, val_labels,
+                                                         calibration.positive_scores(val_logits, temperature)),
         "train_images": len(kept),
         "n": report["n"],
         "n_positive": report["n_positive"],

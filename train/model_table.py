@@ -174,8 +174,11 @@ def fold_cell(fold: dict | None) -> str:
     if fold is None:
         return "not run"
     overall = fold["overall"]
-    return ", ".join(f"{short} {fmt(overall[name]) if name == 'auc' else format(overall[name]['value'], '.3f')}"
-                     for name, short in fold_figures(overall))
+    cells = [f"{short} {fmt(overall[name]) if name == 'auc' else format(overall[name]['value'], '.3f')}"
+             for name, short in fold_figures(overall)]
+    if fold.get("auc_against_validation") is not None:  # a one-class source, ranked against validation
+        cells.append(f"AUC against validation {fold['auc_against_validation']:.3f}")
+    return ", ".join(cells)
 
 
 def audit_cell(audits: list[dict]) -> str:
@@ -305,7 +308,9 @@ def render(weights_dir: Path) -> str:
                   f"(`python -m train.loso`, each result's command in its JSON), against `{SITE_BLIND_REFERENCE}`, the",
                   "default recipe of covidx-plus with the same epoch budget (first row). AUC where the held-out source",
                   "has both classes; otherwise the one rate it allows, at the fold's own threshold (chosen on the",
-                  "validation split without that source). Last column: each fold's site audit on the validation and",
+                  "validation split without that source), and, in runs made since 2026-12-03, the threshold-free AUC",
+                  "of its films against the fold's validation films of the other class (the sources it trained on).",
+                  "Last column: each fold's site audit on the validation and",
                   "test films of the sources it trained on, averaged over folds (chance in brackets).", ""]
         lines += ingredient_rows(large_reference, others, Path(weights_dir).resolve().parent, audit=True)
     reference = next((r for r in loso if r["recipe"] == INGREDIENT_REFERENCE), None)
