@@ -227,7 +227,7 @@ def test_the_card_records_the_recipes_framing_and_normalization(run):
     assert run.card["mean"] == [MEAN] * 3 and run.card["std"] == [STD] * 3
     assert run.card["equalize"] is False
     # False: not equalized; None: no lung crop
-    assert run.predictor.geometry == (INPUT_SIZE, CROP, False, (MEAN,) * 3, (STD,) * 3, None)
+    assert run.predictor.geometry == (INPUT_SIZE, CROP, False, (MEAN,) * 3, (STD,) * 3, None, None)
     assert run.card["shortcut_audit"]["layer"] == get_spec("squeezenet1_1").cam_layer
 
 
