@@ -191,6 +191,28 @@ DEPLOY = ROOT / "docs" / "deploy.md"
 LFS_POINTER = b"version https://git-lfs.github.com/spec/v1\n"
 
 
+def test_committed_weights_and_images_are_their_bytes_not_lfs_pointers():
+    """This repository keeps its binaries as plain blobs (the Space gets pointers at deploy, from
+    `git lfs migrate`). With Git LFS's filters installed (`git lfs install`, or Debian's package
+    in /etc/gitconfig), `git add` of a weight would commit a pointer whose bytes no clone gets."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    head = _git("ls-tree", "-r", "HEAD", cwd=ROOT, env=dict(os.environ))
+    blobs = {line.split("\t", 1)[1]: line.split()[2] for line in head.splitlines()}
+    binaries = sorted(path for path in blobs if path.lower().endswith(BINARY_EXTENSIONS))
+    heads = subprocess.run(["git", "cat-file", "--batch"], cwd=ROOT, capture_output=True, check=True, timeout=600,
+                           input="\n".join(blobs[path] for path in binaries).encode() + b"\n").stdout
+    pointers = []
+    for path in binaries:
+        header, heads = heads.split(b"\n", 1)
+        size = int(header.split()[2])
+        if heads[:size].startswith(LFS_POINTER):
+            pointers.append(path)
+        heads = heads[size + 1 :]
+    assert pointers == [], (f"committed as Git LFS pointers: {pointers}; run `git lfs uninstall --system` (or "
+                            "without --system), then `git rm --cached` and `git add` them again")
+
+
 def deploy_commands(text: str) -> list[str]:
     """The command block of docs/deploy.md: the steps that push a fresh clone to a Space."""
     block = re.search(r"\n\n((?: {4}(?:git|cd) .*\n)+)", text)
