@@ -197,18 +197,10 @@ def test_committed_weights_and_images_are_their_bytes_not_lfs_pointers():
     in /etc/gitconfig), `git add` of a weight would commit a pointer whose bytes no clone gets."""
     if not (ROOT / ".git").exists():
         pytest.skip("not a git checkout")
-    head = _git("ls-tree", "-r", "HEAD", cwd=ROOT, env=dict(os.environ))
-    blobs = {line.split("\t", 1)[1]: line.split()[2] for line in head.splitlines()}
-    binaries = sorted(path for path in blobs if path.lower().endswith(BINARY_EXTENSIONS))
-    heads = subprocess.run(["git", "cat-file", "--batch"], cwd=ROOT, capture_output=True, check=True, timeout=600,
-                           input="\n".join(blobs[path] for path in binaries).encode() + b"\n").stdout
-    pointers = []
-    for path in binaries:
-        header, heads = heads.split(b"\n", 1)
-        size = int(header.split()[2])
-        if heads[:size].startswith(LFS_POINTER):
-            pointers.append(path)
-        heads = heads[size + 1 :]
+    binaries = _committed_binaries()
+    paths = sorted(binaries)
+    flags = _lfs_pointers([binaries[path] for path in paths], cwd=ROOT, env=dict(os.environ))
+    pointers = [path for path, pointer in zip(paths, flags) if pointer]
     assert pointers == [], (f"committed as Git LFS pointers: {pointers}; run `git lfs uninstall --system` (or "
                             "without --system), then `git rm --cached` and `git add` them again")
 
@@ -226,6 +218,26 @@ def _git(*args: str, cwd: Path, env: dict) -> str:
     return proc.stdout
 
 
+def _committed_binaries() -> dict[str, str]:
+    """{path: blob id} of every weight and image in this checkout's HEAD."""
+    head = _git("ls-tree", "-r", "HEAD", cwd=ROOT, env=dict(os.environ))
+    committed = {line.split("\t", 1)[1]: line.split()[2] for line in head.splitlines()}
+    return {path: oid for path, oid in committed.items() if path.lower().endswith(BINARY_EXTENSIONS)}
+
+
+def _lfs_pointers(oids: list[str], cwd: Path, env: dict) -> list[bool]:
+    """Whether each blob `oids` names (in the repository at `cwd`) is a Git LFS pointer."""
+    blobs = subprocess.run(["git", "cat-file", "--batch"], cwd=cwd, env=env, input="\n".join(oids).encode() + b"\n",
+                           capture_output=True, check=True, timeout=600).stdout  # fmt: skip
+    flags = []
+    for _ in oids:
+        header, blobs = blobs.split(b"\n", 1)
+        size = int(header.split()[2])
+        flags.append(blobs[:size].startswith(LFS_POINTER))
+        blobs = blobs[size + 1 :]
+    return flags
+
+
 @pytest.mark.skipif(shutil.which("git-lfs") is None, reason="Git LFS is not installed (.ci/run installs it)")
 def test_the_deploy_steps_push_every_weight_and_image_as_an_lfs_object(tmp_path):
     """docs/deploy.md's commands, run as written, with a local bare repository for the Space:
@@ -233,9 +245,8 @@ def test_the_deploy_steps_push_every_weight_and_image_as_an_lfs_object(tmp_path)
     and a clone of the pushed repository gets this checkout's committed files back."""
     if not (ROOT / ".git").exists():
         pytest.skip("not a git checkout")
-    head = _git("ls-tree", "-r", "HEAD", cwd=ROOT, env=dict(os.environ))
-    committed = {line.split("\t", 1)[1]: line.split()[2] for line in head.splitlines()}
-    binaries = sorted(path for path in committed if path.lower().endswith(BINARY_EXTENSIONS))
+    committed = _committed_binaries()
+    binaries = sorted(committed)
     # Git and Git LFS configured only here: the user's and the system's settings stay out.
     env = {**os.environ, "HOME": str(tmp_path), "GIT_CONFIG_NOSYSTEM": "1", "GIT_TERMINAL_PROMPT": "0"}
     space = tmp_path / "space.git"
@@ -257,15 +268,7 @@ def test_the_deploy_steps_push_every_weight_and_image_as_an_lfs_object(tmp_path)
     objects = _git("rev-list", "--objects", "--all", cwd=space, env=env).splitlines()
     sent = [line.split(" ", 1)[0] for line in objects if line.lower().endswith(BINARY_EXTENSIONS)]
     assert len(sent) >= len(binaries) > 0
-    blobs = subprocess.run(["git", "cat-file", "--batch"], cwd=space, env=env, input="\n".join(sent).encode() + b"\n",
-                           capture_output=True, check=True, timeout=600).stdout  # fmt: skip
-    not_pointers = []
-    for oid in sent:
-        header, blobs = blobs.split(b"\n", 1)
-        size = int(header.split()[2])
-        if not blobs[:size].startswith(LFS_POINTER):
-            not_pointers.append(oid)
-        blobs = blobs[size + 1 :]
+    not_pointers = [oid for oid, pointer in zip(sent, _lfs_pointers(sent, cwd=space, env=env)) if not pointer]
     assert not_pointers == [], f"{len(not_pointers)} weight or image blobs pushed without LFS"
 
     pulled = tmp_path / "pulled"

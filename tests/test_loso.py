@@ -132,6 +132,7 @@ def test_folds_follow_the_recipes_train_sources_lung_crop_equalize_input_size_an
     assert seeds == [5] and json.loads(out.read_text())["seed"] == 5  # --seed, not the recipe's 1
     fold = json.loads(out.read_text())["folds"][0]
     assert fold["held_out"] == "srcB" and fold["n"] == 10 and fold["train_images"] == 4
+    assert fold["auc_against_validation"] is None  # srcB holds both classes: its own AUC is reported
 
 
 def test_the_ingredient_table_names_each_recipes_change_and_its_folds(tmp_path):

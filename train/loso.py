@@ -121,8 +121,8 @@ def run_fold(source: str, config, splits, caches, runs_dir: Path, device: torch.
 
     val_logits, val_labels = _fold_logits(model, [("val", val_kept, val_dir)], caches, config, mean, std, device)
     temperature = calibration.fit_temperature(val_logits, val_labels)
-    threshold = metrics.choose_threshold(val_labels, calibration.positive_scores(val_logits, temperature),
-                                         min_sensitivity=config.min_sensitivity)
+    val_scores = calibration.positive_scores(val_logits, temperature)
+    threshold = metrics.choose_threshold(val_labels, val_scores, min_sensitivity=config.min_sensitivity)
     # The site audit on the films of the other sources this fold did not train on (validation, test).
     unseen = [(split, [r for r in keep_sources(records, config.train_sources, split) if r.source != source], image_dir)
               for split, (records, image_dir) in splits.items() if split != "train"]
@@ -136,8 +136,7 @@ def run_fold(source: str, config, splits, caches, runs_dir: Path, device: torch.
                                      seed=config.seed)
     return {
         "held_out": source,
-        "auc_against_validation": auc_against_validation(labels, scores, val_labels,
-                                                         calibration.positive_scores(val_logits, temperature)),
+        "auc_against_validation": auc_against_validation(labels, scores, val_labels, val_scores),
         "train_images": len(kept),
         "n": report["n"],
         "n_positive": report["n_positive"],
