@@ -442,6 +442,46 @@ def ensure_cache(
     )
 
 
+def card_cache(
+    card: dict[str, Any],
+    records: Sequence[Record],
+    image_dir: str | Path,
+    label_file: str | Path,
+    lung_weights: str | Path | None,
+    cache_dir: str | Path | None = None,
+    num_workers: int | None = None,
+    progress: Progress = None,
+) -> ImageCache | None:
+    """The cache that frames ``records`` as an exported model's training cache framed its films,
+    from the model's card: cut to the lungs by its lung model (a ``lung_crop`` card), at its
+    film size (``film_size``), in its cache colour (``config.cache``; grey for a card that does
+    not say). None for a card that frames each whole film at its own resolution: the uncached
+    pipeline then gives the same tensors (see the module docstring).
+
+    Args:
+        lung_weights: the card's lung model, for a ``lung_crop`` card (ignored otherwise).
+
+    Raises:
+        ValueError: a ``lung_crop`` card without ``lung_weights``, or with a lung model
+            other than the one it was trained with (its sha256 is in the card).
+    """
+    crop, film_size = card.get("lung_crop"), card.get("film_size")
+    if not crop and film_size is None:
+        return None
+    if crop:
+        if lung_weights is None:
+            raise ValueError(f"model {card['name']!r} was trained on lung crops: pass its lung model "
+                             f"{crop['lung_model']!r} (weights/{crop['lung_model']}.safetensors)")
+        if sha256_file(Path(lung_weights)) != crop["lung_model_sha256"]:
+            raise ValueError(f"model {card['name']!r} was trained with lung model {crop['lung_model']!r} "
+                             f"(sha256 {crop['lung_model_sha256'][:12]}...), but {lung_weights} is another; "
+                             "pass the one shipped beside the model")
+    color = card.get("config", {}).get("cache", "gray")
+    return ensure_cache(records, image_dir, label_file, cache_dir, int(card["input_size"]),
+                        float(card["crop_fraction"]), color=color, num_workers=num_workers, progress=progress,
+                        lung_weights=lung_weights if crop else None, film_size=film_size)
+
+
 # --------------------------------------------------------------------------- dataset
 
 

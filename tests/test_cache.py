@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from covidtl.cache import CachedDataset, crop_box, ensure_cache
+from covidtl.cache import CachedDataset, card_cache, crop_box, ensure_cache
 from covidtl.config import TrainConfig
 from covidtl.data import CovidxDataset
 from covidtl.images import load_image
@@ -282,3 +282,35 @@ def test_resume_from_a_checkpoint_older_than_the_cache_option(tiny_covidx, tmp_p
     assert train_main([*longer, "--cache", "gray", "--cache-dir", str(tmp_path / "cache")]) == 2
     assert "cache" in capsys.readouterr().err
     assert train_main(longer) == 0
+
+
+def _card(**framing):
+    return {"name": "m", "input_size": SIZE, "crop_fraction": 0.9, "config": {"cache": "rgb"}} | framing
+
+
+def test_a_cards_cache_is_framed_as_its_training_cache_was(tiny_covidx, tmp_path, fake_lungs):
+    """`card_cache` (train.evaluate, the shipped-weights test): the card's colour, film size and
+    lung model; nothing for a card that frames whole films at their own size."""
+    records, image_dir, label_file = _split(tiny_covidx)
+    assert card_cache(_card(), records, image_dir, label_file, None, tmp_path) is None
+    film = card_cache(_card(film_size=24), records, image_dir, label_file, None, tmp_path, num_workers=0)
+    assert (film.color, film.film_size, film.lung_model_sha256) == ("rgb", 24, None)
+    assert film.pixels().shape[-1] == 3
+    from covidtl.export import sha256_file
+
+    crop = {"lung_model": "fake", "lung_model_sha256": sha256_file(fake_lungs)}
+    grey = _card(lung_crop=crop) | {"config": {"cache": "gray"}}
+    cut = card_cache(grey, records, image_dir, label_file, fake_lungs, tmp_path, num_workers=0)
+    assert (cut.color, cut.film_size, cut.lung_model_sha256) == ("gray", None, crop["lung_model_sha256"])
+    assert cut.path == ensure_cache(records, image_dir, label_file, tmp_path, SIZE, 0.9, "gray", num_workers=0,
+                                    lung_weights=fake_lungs).path
+
+
+def test_a_lung_crop_cards_cache_needs_the_lung_model_it_was_trained_with(tiny_covidx, tmp_path, fake_lungs):
+    records, image_dir, label_file = _split(tiny_covidx)
+    card = _card(lung_crop={"lung_model": "lungs_x", "lung_model_sha256": "0" * 64})
+    with pytest.raises(ValueError, match="pass its lung model 'lungs_x'"):
+        card_cache(card, records, image_dir, label_file, None, tmp_path)
+    with pytest.raises(ValueError, match="is another; pass the one shipped beside the model"):
+        card_cache(card, records, image_dir, label_file, fake_lungs, tmp_path)
+    assert not any(tmp_path.glob("*px-*"))  # nothing was built

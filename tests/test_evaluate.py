@@ -8,7 +8,7 @@ import json
 import pytest
 
 from covidtl import lungs
-from covidtl.export import load_model
+from covidtl.export import load_model, sha256_file
 from covidtl.images import load_image
 from covidtl.inference import Predictor
 from covidtl.labels import parse_label_file, split_paths
@@ -21,10 +21,11 @@ def test_evaluate_cuts_a_lung_crop_models_films_to_their_lungs_like_the_predicto
     fake = (FakeLungs(), {"name": "fake", "weights_sha256": "f"})
     monkeypatch.setattr(lungs, "load_lung_model", lambda path: fake)
     lung_file = tmp_path / "fake.safetensors"
-    lung_file.write_bytes(b"fake lung model")  # its bytes only feed the cache key
+    lung_file.write_bytes(b"fake lung model")  # its bytes feed the cache key and the card's check
     weights = tmp_path / "w"
     path = export_tiny_model(weights, "tiny", "resnet18", input_size=32, crop_fraction=0.9, seed=1,
-                             lung_crop={"lung_model": "fake", "lung_model_sha256": "f", "margin": lungs.CROP_MARGIN})
+                             lung_crop={"lung_model": "fake", "lung_model_sha256": sha256_file(lung_file),
+                                        "margin": lungs.CROP_MARGIN})
     out = tmp_path / "report"
     assert evaluate_cli.main(["--weights", str(path.with_suffix(".safetensors")), "--data", str(tiny_covidx),
                               "--out", str(out), "--n-boot", "20", "--num-workers", "0", "--no-progress",

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from covidtl.cache import card_cache
 from covidtl.engine import predict_scores
 from covidtl.evaluation import report_with_plots
 from covidtl.export import CardError, atomic_write_json, card_temperature, load_model
@@ -43,7 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--on-missing", choices=("error", "skip"), default="error")
     p.add_argument("--on-corrupt", choices=("error", "skip"), default="error")
     p.add_argument("--lung-weights", type=Path, help="lung model for a lung-crop model (default: the shipped one)")
-    p.add_argument("--cache-dir", type=Path, help="where the lung-crop image cache lives (default: $COVIDTL_CACHE)")
+    p.add_argument("--cache-dir", type=Path, help="where the image cache of a lung-crop or film-size model lives (default: $COVIDTL_CACHE)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     return p.parse_args(argv)
@@ -55,18 +56,15 @@ def evaluate(args: argparse.Namespace) -> dict:
     label_file, image_dir = split_paths(args.data, args.split)
     records = check_images(parse_label_file(label_file), image_dir, on_missing=args.on_missing)
     records = scan_images(records, image_dir, on_corrupt=args.on_corrupt)
-    cache = None
-    if card.get("lung_crop") or card.get("film_size"):
-        # cut each film to its lungs and bring it to the card's film size as in training and in the app
-        # (the cache build does both)
-        from covidtl.cache import ensure_cache
+    # cut each film to its lungs and bring it to the card's film size, in the card's colour, as in
+    # training and in the app (None: whole films at their own size, which the loader frames alike)
+    lung_weights = None
+    if card.get("lung_crop"):
         from covidtl.lungs import default_lung_weights
 
-        bar = lambda it: tqdm(it, desc="caching films", leave=False, disable=not args.progress)  # noqa: E731
-        lung_weights = (args.lung_weights or default_lung_weights()) if card.get("lung_crop") else None
-        cache = ensure_cache(records, image_dir, label_file, args.cache_dir, card["input_size"],
-                             card.get("crop_fraction", 0.9), progress=bar, lung_weights=lung_weights,
-                             film_size=card.get("film_size"))
+        lung_weights = args.lung_weights or default_lung_weights()
+    bar = lambda it: tqdm(it, desc="caching films", leave=False, disable=not args.progress)  # noqa: E731
+    cache = card_cache(card, records, image_dir, label_file, lung_weights, args.cache_dir, progress=bar)
     loader = eval_loader(records, image_dir, card["input_size"], card["mean"], card["std"],
                          card.get("crop_fraction", 0.9), batch_size=args.batch_size, num_workers=args.num_workers,
                          cache=cache, equalize=bool(card.get("equalize", False)))
