@@ -164,6 +164,30 @@ def site_audit_markdown(audit: dict) -> list[str]:
     return lines
 
 
+
+def resolution_audit_markdown(audit: dict) -> list[str]:
+    """Whether the model's decisions change with the film's size (covidtl.resolution_audit):
+    per variant, the share of decisions changed, and sensitivity and specificity beside the
+    unchanged films'."""
+    variants = audit.get("variants") or {}
+    if not variants:
+        return []
+    as_is = audit.get("as_is") or {}
+    lines = [
+        f"#### Does the answer depend on the film's size? ({_cell(audit.get('data', '?'))}, "
+        f"{audit.get('n', '?')} {_cell(audit.get('split', '?'))} films, {audit.get('n_positive', '?')} COVID-19)",
+        "Each film is scored again at another size, through the app's path, at the model's threshold. A decision "
+        "that changes with how a site exports its films, not with the lungs, is one a new site cannot rely on.",
+        "\n| film | decisions changed | sensitivity | specificity |",
+        "|---|---|---|---|",
+        f"| as stored | – | {_num(as_is.get('sensitivity'))} | {_num(as_is.get('specificity'))} |",
+    ]
+    for name, v in variants.items():
+        changed = _num(100 * v["flipped"], 1) + " %" if isinstance(v.get("flipped"), (int, float)) else "n/a"
+        lines.append(f"| {_cell(name)}: {_cell(v.get('change'))} | {changed} | {_num(v.get('sensitivity'))} | "
+                     f"{_num(v.get('specificity'))} |")
+    return lines
+
 def lung_model_markdown(card: dict) -> str:
     """The lung segmentation model's card for humans (it is not a classifier)."""
     lines = [f"### {_cell(card.get('name', '?'))} (lung segmentation)"]
@@ -353,6 +377,9 @@ def card_markdown(card: dict, held_out: HeldOut | None = None) -> str:
     if isinstance(card.get("site_audit"), dict):
         lines.append("")
         lines += site_audit_markdown(card["site_audit"])
+    if isinstance(card.get("resolution_audit"), dict):
+        lines.append("")
+        lines += resolution_audit_markdown(card["resolution_audit"])
     if isinstance(card.get("data"), dict):
         lines.append("")
         lines += _data_markdown(card["data"])

@@ -244,6 +244,30 @@ def site_audit_rows(cards: list[dict]) -> list[str]:
     return rows
 
 
+
+def resolution_audit_rows(cards: list[dict]) -> list[str]:
+    """Each card's resolution audit (covidtl.resolution_audit): per variant, the share of decisions
+    changed and the specificity and sensitivity there, beside the films as stored."""
+    audited = [card for card in cards if card.get("resolution_audit")]
+    names = list(audited[0]["resolution_audit"]["variants"]) if audited else []
+    rows = ["| model | films (COVID-19) | as stored: spec / sens | "
+            + " | ".join(f"{name}: changed, spec / sens" for name in names) + " |",
+            "|---|---|---|" + "---|" * len(names)]
+    for card in cards:
+        audit = card.get("resolution_audit")
+        if not audit:
+            rows.append(f"| `{card['name']}` | not audited | n/a | " + " | ".join("n/a" for _ in names) + " |")
+            continue
+        cells = [f"{100 * audit['variants'][name]['flipped']:.1f} %, {_rates(audit['variants'][name])}"
+                 for name in names]
+        rows.append(f"| `{card['name']}` | {audit['n']} ({audit['n_positive']}) | {_rates(audit['as_is'])} | "
+                    + " | ".join(cells) + " |")
+    return rows
+
+
+def _rates(rates: dict) -> str:
+    return " / ".join("n/a" if rates.get(k) is None else f"{rates[k]:.3f}" for k in ("specificity", "sensitivity"))
+
 def render(weights_dir: Path) -> str:
     cards = []
     for path in list_exported(weights_dir):
@@ -299,6 +323,15 @@ def render(weights_dir: Path) -> str:
                   "hospital; far above it: the model can tell the hospitals apart, and may be flagging the site.",
                   ""]
         lines += site_audit_rows(cards)
+    if any(card.get("resolution_audit") for card in cards):
+        audit = next(card["resolution_audit"] for card in cards if card.get("resolution_audit"))
+        lines += ["", "## Does the answer depend on the film's size? (resolution audit)", "",
+                  "`python -m train.resolution_audit`: each film scored again through the app's path at half and",
+                  "at twice its size and as a 224 x 224 square (how public collections resize films), at the",
+                  f"model's threshold ({audit['data']}, {audit['split']} split, films spread over its sources;",
+                  "`covidtl/resolution_audit.py`). A decision that changes with how a site exports its films is",
+                  "one a new site cannot rely on.", ""]
+        lines += resolution_audit_rows(cards)
     ablation = read_loso(Path(weights_dir) / "ablation")
     large_reference = site_blind_reference([*loso, *ablation])
     if large_reference:

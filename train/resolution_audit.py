@@ -1,0 +1,110 @@
+"""`python -m train.resolution_audit`: does each exported classifier's answer depend on the film's
+resolution? (covidtl.resolution_audit), written into its card.
+
+    python -m train.resolution_audit --weights-dir weights --data ../shared/data/covidx-large
+    python -m train.resolution_audit --weights-dir weights --data my_hospital --split test --max-films 0
+
+For every classifier card in `--weights-dir` (or those named), each film of `--split` of
+`--data` (at most `--max-films`, spread evenly over the sources; 0: all) is scored through the
+app's Predictor as it is, at half and at twice its size, and as a 224 x 224 square. Printed and
+written into the card's ``resolution_audit`` (atomically; the weights are untouched) unless
+`--no-write`: the share of decisions that changed, and sensitivity and specificity at the
+card's threshold, per variant. Then regenerate weights/README.md with `python -m train.model_table`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from covidtl.export import CARD_SUFFIX, CardError, atomic_write_json, list_exported
+from covidtl.images import load_image
+from covidtl.inference import Predictor
+from covidtl.labels import LabelFileError, Record, parse_label_file, split_paths
+from covidtl.locate import DatasetUnavailableError
+from covidtl.resolution_audit import audit_films
+from covidtl.scan import MissingImagesError, check_images
+
+log = logging.getLogger("train.resolution_audit")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m train.resolution_audit", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights-dir", type=Path, default=Path("weights"))
+    p.add_argument("--data", type=Path, required=True, help="folder in the COVIDx layout")
+    p.add_argument("--split", default="test", help="which label file to audit (default: test)")
+    p.add_argument("--models", nargs="+", help="only these models (default: every classifier in --weights-dir)")
+    p.add_argument("--max-films", type=int, default=200,
+                   help="films to audit, spread evenly over the sources (default 200; 0: every film)")
+    p.add_argument("--write", action=argparse.BooleanOptionalAction, default=True, help="write the result into each card")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    return p.parse_args(argv)
+
+
+def spread(records: list[Record], max_films: int) -> list[Record]:
+    """At most `max_films` of `records` (0: all), evenly spaced in (source, filename) order, so
+    that every source keeps its share."""
+    ranked = sorted(records, key=lambda r: (r.source, r.filename))
+    if max_films <= 0 or max_films >= len(ranked):
+        return ranked
+    return [ranked[i] for i in np.unique(np.linspace(0, len(ranked) - 1, max_films).round().astype(int))]
+
+
+def run(args: argparse.Namespace) -> dict[str, dict]:
+    if args.max_films < 0:
+        raise ValueError(f"--max-films must be 0 (every film) or more, not {args.max_films}")
+    paths = list_exported(args.weights_dir)
+    if args.models:
+        unknown = sorted(set(args.models) - {p.stem for p in paths})
+        if unknown:
+            raise ValueError(f"no classifier {unknown} in {args.weights_dir}; it has {sorted(p.stem for p in paths)}")
+        paths = [p for p in paths if p.stem in args.models]
+    label_file, image_dir = split_paths(args.data, args.split)
+    records = spread(check_images(parse_label_file(label_file), image_dir, on_missing="error"), args.max_films)
+    results = {}
+    for path in paths:
+        predictor = Predictor.from_file(path, device=args.device)
+        films = ((load_image(image_dir / r.filename, grey=True), r.label) for r in records)
+        bar = lambda it: tqdm(it, total=len(records), desc=f"films {path.stem}", leave=False,  # noqa: E731
+                              disable=not args.progress)
+        result = audit_films(lambda image: predictor.predict(image).p_positive, films, predictor.threshold, bar)
+        result = {"data": args.data.resolve().name, "split": args.split, **result}
+        results[path.stem] = result
+        for name, variant in result["variants"].items():
+            print(f"{path.stem}  {name}: {variant['flipped']:.1%} of {result['n']} decisions changed; "
+                  f"sensitivity {_rate(variant['sensitivity'])} (as is {_rate(result['as_is']['sensitivity'])}), "
+                  f"specificity {_rate(variant['specificity'])} (as is {_rate(result['as_is']['specificity'])})")
+        if args.write:
+            card_path = path.with_suffix(CARD_SUFFIX)
+            card = json.loads(card_path.read_text())
+            card["resolution_audit"] = result
+            atomic_write_json(card_path, card)
+    return results
+
+
+def _rate(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (DatasetUnavailableError, LabelFileError, MissingImagesError, CardError, FileNotFoundError,
+            ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
