@@ -53,8 +53,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def answer_line(file: Path, answer: Answer) -> str:
-    """One film's answer in a line, e.g. "x.png: Not flagged, P(COVID-19) = 0.015, threshold
-    0.075, model efficientnet_lite0_lungs", or for a refused film why it is out of scope."""
+    """One film's answer in a line, e.g. "x.png: Not flagged, P(COVID-19) = 0.118, threshold
+    0.459, model efficientnet_lite0_film224", or for a refused film why it is out of scope."""
     if answer.p_covid is None:
         return f"{file}: {answer.decision}, model {answer.model}: {answer.reason}"
     digits = shown_digits(answer.p_covid, answer.threshold)
