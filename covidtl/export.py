@@ -11,11 +11,11 @@ a half-written file that a loader would pick up.
 from __future__ import annotations
 
 import hashlib
-import math
 import json
+import math
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -227,3 +227,24 @@ def list_exported(weights_dir: str | Path, task: str = "classification") -> list
         p for p in weights_dir.glob(f"*{WEIGHTS_SUFFIX}")
         if p.with_suffix(CARD_SUFFIX).is_file() and card_task(p.with_suffix(CARD_SUFFIX)) == task
     )
+
+
+def select_exported(weights_dir: str | Path, names: Sequence[str] | None) -> list[Path]:
+    """The classifiers of `weights_dir` (`list_exported`), only those in `names` unless None.
+    Raises ValueError naming the names that are not there, and what is."""
+    paths = list_exported(weights_dir)
+    if not names:
+        return paths
+    unknown = sorted(set(names) - {p.stem for p in paths})
+    if unknown:
+        raise ValueError(f"no classifier {unknown} in {weights_dir}; it has {sorted(p.stem for p in paths)}")
+    return [p for p in paths if p.stem in names]
+
+
+def set_card_entry(weights_path: str | Path, key: str, value: Any) -> None:
+    """Replace one entry of the card beside `weights_path` (atomically; the weights are untouched),
+    e.g. an audit computed after export."""
+    card_path = Path(weights_path).with_suffix(CARD_SUFFIX)
+    card = json.loads(card_path.read_text())
+    card[key] = value
+    atomic_write_json(card_path, card)

@@ -15,7 +15,6 @@ card's threshold, per variant. Then regenerate weights/README.md with `python -m
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from covidtl.export import CARD_SUFFIX, CardError, atomic_write_json, list_exported
+from covidtl.export import CardError, select_exported, set_card_entry
 from covidtl.images import load_image
 from covidtl.inference import Predictor
 from covidtl.labels import LabelFileError, Record, parse_label_file, split_paths
@@ -58,35 +57,32 @@ def spread(records: list[Record], max_films: int) -> list[Record]:
     return [ranked[i] for i in np.unique(np.linspace(0, len(ranked) - 1, max_films).round().astype(int))]
 
 
+def audit_card(path: Path, records: list[Record], image_dir: Path, args: argparse.Namespace) -> dict:
+    """The resolution audit of the exported classifier `path` on `records` (in `image_dir`)."""
+    predictor = Predictor.from_file(path, device=args.device)
+    films = ((load_image(image_dir / r.filename, grey=True), r.label) for r in records)
+    bar = lambda it: tqdm(it, total=len(records), desc=f"films {path.stem}", leave=False,  # noqa: E731
+                          disable=not args.progress)
+    result = audit_films(lambda image: predictor.predict(image).p_positive, films, predictor.threshold, bar)
+    return {"data": args.data.resolve().name, "split": args.split, **result}
+
+
 def run(args: argparse.Namespace) -> dict[str, dict]:
     if args.max_films < 0:
         raise ValueError(f"--max-films must be 0 (every film) or more, not {args.max_films}")
-    paths = list_exported(args.weights_dir)
-    if args.models:
-        unknown = sorted(set(args.models) - {p.stem for p in paths})
-        if unknown:
-            raise ValueError(f"no classifier {unknown} in {args.weights_dir}; it has {sorted(p.stem for p in paths)}")
-        paths = [p for p in paths if p.stem in args.models]
+    paths = select_exported(args.weights_dir, args.models)
     label_file, image_dir = split_paths(args.data, args.split)
     records = spread(check_images(parse_label_file(label_file), image_dir, on_missing="error"), args.max_films)
     results = {}
     for path in paths:
-        predictor = Predictor.from_file(path, device=args.device)
-        films = ((load_image(image_dir / r.filename, grey=True), r.label) for r in records)
-        bar = lambda it: tqdm(it, total=len(records), desc=f"films {path.stem}", leave=False,  # noqa: E731
-                              disable=not args.progress)
-        result = audit_films(lambda image: predictor.predict(image).p_positive, films, predictor.threshold, bar)
-        result = {"data": args.data.resolve().name, "split": args.split, **result}
+        result = audit_card(path, records, image_dir, args)
         results[path.stem] = result
         for name, variant in result["variants"].items():
             print(f"{path.stem}  {name}: {variant['flipped']:.1%} of {result['n']} decisions changed; "
                   f"sensitivity {_rate(variant['sensitivity'])} (as is {_rate(result['as_is']['sensitivity'])}), "
                   f"specificity {_rate(variant['specificity'])} (as is {_rate(result['as_is']['specificity'])})")
         if args.write:
-            card_path = path.with_suffix(CARD_SUFFIX)
-            card = json.loads(card_path.read_text())
-            card["resolution_audit"] = result
-            atomic_write_json(card_path, card)
+            set_card_entry(path, "resolution_audit", result)
     return results
 
 

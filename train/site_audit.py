@@ -17,7 +17,6 @@ untouched) unless `--no-write`; then regenerate weights/README.md with
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -28,7 +27,7 @@ from tqdm import tqdm
 
 from covidtl.classes import CLASSES
 from covidtl.config import config_from_dict, replace
-from covidtl.export import CARD_SUFFIX, CardError, atomic_write_json, list_exported, load_model
+from covidtl.export import CARD_SUFFIX, CardError, load_model, select_exported, set_card_entry
 from covidtl.labels import LabelFileError
 from covidtl.locate import DatasetUnavailableError
 from covidtl.models import get_spec
@@ -79,12 +78,7 @@ def audit_card(path: Path, args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict[str, dict]:
-    paths = list_exported(args.weights_dir)
-    if args.models:
-        unknown = sorted(set(args.models) - {p.stem for p in paths})
-        if unknown:
-            raise ValueError(f"no classifier {unknown} in {args.weights_dir}; it has {sorted(p.stem for p in paths)}")
-        paths = [p for p in paths if p.stem in args.models]
+    paths = select_exported(args.weights_dir, args.models)
     results = {}
     for path in paths:
         result = audit_card(path, args)
@@ -95,10 +89,7 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
                      f"over {probe['sources']}" if "skipped" not in probe else f"skipped: {probe['skipped']}")
             print(f"{path.stem}  {name}: {shown}")
         if args.write:
-            card_path = path.with_suffix(CARD_SUFFIX)
-            card = json.loads(card_path.read_text())
-            card["site_audit"] = result
-            atomic_write_json(card_path, card)
+            set_card_entry(path, "site_audit", result)
     return results
 
 
