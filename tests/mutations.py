@@ -324,7 +324,7 @@ MUTATIONS = [
              "return image.copy()",
              ("tests/test_resolution_audit.py::test_the_variants_are_half_double_and_the_public_square",)),
     Mutation("train.resolution_audit leaves the cards alone", "train/resolution_audit.py",
-             'card["resolution_audit"] = result',
+             'set_card_entry(path, "resolution_audit", result)',
              "pass",
              ("tests/test_resolution_audit.py::test_the_command_writes_each_cards_audit_shown_in_the_card_and_the_table",)),
     # ---- a card's cache (train.evaluate, the shipped-weights test): framed as its training cache
