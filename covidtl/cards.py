@@ -164,7 +164,6 @@ def site_audit_markdown(audit: dict) -> list[str]:
     return lines
 
 
-
 def resolution_audit_markdown(audit: dict) -> list[str]:
     """Whether the model's decisions change with the film's size (covidtl.resolution_audit):
     per variant, the share of decisions changed, and sensitivity and specificity beside the
@@ -187,6 +186,7 @@ def resolution_audit_markdown(audit: dict) -> list[str]:
         lines.append(f"| {_cell(name)}: {_cell(v.get('change'))} | {changed} | {_num(v.get('sensitivity'))} | "
                      f"{_num(v.get('specificity'))} |")
     return lines
+
 
 def lung_model_markdown(card: dict) -> str:
     """The lung segmentation model's card for humans (it is not a classifier)."""

@@ -244,7 +244,6 @@ def site_audit_rows(cards: list[dict]) -> list[str]:
     return rows
 
 
-
 def resolution_audit_rows(cards: list[dict]) -> list[str]:
     """Each card's resolution audit (covidtl.resolution_audit): per variant, the share of decisions
     changed and the specificity and sensitivity there, beside the films as stored."""
@@ -258,15 +257,16 @@ def resolution_audit_rows(cards: list[dict]) -> list[str]:
         if not audit:
             rows.append(f"| `{card['name']}` | not audited | n/a | " + " | ".join("n/a" for _ in names) + " |")
             continue
-        cells = [f"{100 * audit['variants'][name]['flipped']:.1f} %, {_rates(audit['variants'][name])}"
+        cells = [f"{100 * audit['variants'][name]['flipped']:.1f} %, {_spec_sens(audit['variants'][name])}"
                  for name in names]
-        rows.append(f"| `{card['name']}` | {audit['n']} ({audit['n_positive']}) | {_rates(audit['as_is'])} | "
+        rows.append(f"| `{card['name']}` | {audit['n']} ({audit['n_positive']}) | {_spec_sens(audit['as_is'])} | "
                     + " | ".join(cells) + " |")
     return rows
 
 
-def _rates(rates: dict) -> str:
+def _spec_sens(rates: dict) -> str:
     return " / ".join("n/a" if rates.get(k) is None else f"{rates[k]:.3f}" for k in ("specificity", "sensitivity"))
+
 
 def render(weights_dir: Path) -> str:
     cards = []
