@@ -21,8 +21,8 @@ from covidtl.export import list_exported, read_card
 METRIC_COLUMNS = ("auc", "sensitivity", "specificity", "ppv", "npv")
 # The recipe the ingredient comparison changes one thing at a time (train/recipes/ablation/).
 INGREDIENT_REFERENCE = "efficientnet_lite0_plus"
-# The first row of the site-blind comparison on covidx-large: the default recipe of 2026-11-30
-# (plus/efficientnet_lite0_lungs) with the covidx-large epoch budget (train/recipes/large/).
+# The first row of the site-blind comparison on covidx-large: the default recipe from 2026-11-30 to
+# 2026-12-03 (plus/efficientnet_lite0_lungs) with the covidx-large epoch budget (train/recipes/large/).
 SITE_BLIND_REFERENCE = "efficientnet_lite0_lungs_large"
 README_START = "<!-- shipped models: python -m train.model_table writes this table -->"
 README_END = "<!-- end of the shipped models -->"
@@ -339,7 +339,8 @@ def render(weights_dir: Path) -> str:
         lines += ["", "## Site-blind comparison (covidx-large)", "",
                   f"Each recipe of `train/recipes/large/` through the same folds of {large_reference['data']}",
                   f"(`python -m train.loso`, each result's command in its JSON), against `{SITE_BLIND_REFERENCE}`, the",
-                  "default recipe of covidx-plus with the same epoch budget (first row). AUC where the held-out source",
+                  "recipe of `efficientnet_lite0_lungs` (the covidx-plus default until 2026-12-03) with the same",
+                  "epoch budget (first row). AUC where the held-out source",
                   "has both classes; otherwise the one rate it allows, at the fold's own threshold (chosen on the",
                   "validation split without that source), and, in runs made since 2026-12-03, the threshold-free AUC",
                   "of its films against the fold's validation films of the other class (the sources it trained on).",
