@@ -32,6 +32,7 @@ __all__ = [
     "parse_label_file",
     "patient_split",
     "split_paths",
+    "spread",
     "write_label_file",
 ]
 
@@ -147,6 +148,16 @@ def write_label_file(records: Iterable[Record], path: str | Path) -> None:
             raise ValueError(f"label {record.label} of {record} is not an index into {CLASSES}")
         lines.append(f"{record.patient_id} {record.filename} {CLASSES[record.label]} {record.source}\n")
     Path(path).write_text("".join(lines), encoding="utf-8")
+
+
+def spread(records: Sequence[Record], count: int) -> list[Record]:
+    """At most `count` of `records` (0: all), evenly spaced in (source, filename) order, so that
+    every source keeps its share of a sample (positions ``linspace(0, n - 1, count)``, rounded)."""
+    ranked = sorted(records, key=lambda r: (r.source, r.filename))
+    if count <= 0 or count >= len(ranked):
+        return ranked
+    step = (len(ranked) - 1) / (count - 1) if count > 1 else 0.0
+    return [ranked[i] for i in dict.fromkeys(round(k * step) for k in range(count))]
 
 
 def split_paths(root: Path, split: str) -> tuple[Path, Path]:

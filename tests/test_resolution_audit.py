@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from covidtl.cards import card_markdown
-from covidtl.labels import Record
+from covidtl.labels import Record, spread
 from covidtl.resolution_audit import SQUARE_SIDE, VARIANTS, audit_films
 from tests.synthetic_inputs import export_tiny_model
 from train import model_table
@@ -51,9 +51,11 @@ def test_a_decision_that_ignores_the_size_changes_nowhere_and_one_class_has_no_o
 
 def test_spread_keeps_every_sources_share():
     records = [Record(f"p{i}", f"{s}{i}.png", i % 2, s) for s in ("a", "b") for i in range(10)]
-    picked = resolution_cli.spread(records, 6)
+    picked = spread(records, 6)
     assert len(picked) == 6 and {r.source for r in picked} == {"a", "b"}
-    assert resolution_cli.spread(records, 0) == sorted(records, key=lambda r: (r.source, r.filename))
+    ranked = sorted(records, key=lambda r: (r.source, r.filename))
+    assert picked == [ranked[i] for i in (0, 4, 8, 11, 15, 19)]  # linspace(0, 19, 6), rounded
+    assert spread(records, 0) == sorted(records, key=lambda r: (r.source, r.filename))
 
 
 def test_the_command_writes_each_cards_audit_shown_in_the_card_and_the_table(tiny_covidx, tmp_path, capsys):

@@ -14,7 +14,7 @@ from covidtl import metrics
 from covidtl.cache import card_cache
 from covidtl.engine import predict_scores
 from covidtl.export import card_temperature, list_exported, load_model, read_card
-from covidtl.labels import parse_label_file, write_label_file
+from covidtl.labels import parse_label_file, spread, write_label_file
 from covidtl.loaders import eval_loader
 from train import model_table
 
@@ -142,8 +142,7 @@ def test_predictions_reproduce_the_card_exactly(path, tmp_path):
     assert sorted(r.filename for r in records) == sorted(stored)
     label_file = root / "test.txt"
     if card["data"]["name"] != "covidx-plus":
-        ranked = sorted(records, key=lambda r: (r.source, r.filename))
-        records = [ranked[i] for i in np.linspace(0, len(ranked) - 1, REPRODUCED_FILMS).round().astype(int)]
+        records = spread(records, REPRODUCED_FILMS)
         label_file = tmp_path / "sample.txt"  # the cache is keyed by its label file
         write_label_file(records, label_file)
     lung_weights = WEIGHTS / f"{card['lung_crop']['lung_model']}.safetensors" if card.get("lung_crop") else None
@@ -157,7 +156,7 @@ def test_predictions_reproduce_the_card_exactly(path, tmp_path):
 
 
 def test_the_default_on_the_four_example_films():
-    """docs/model-selection.md ("What the default model does"): through the app's Predictor, one of
+    """docs/model-selection.md ("The default"): through the app's Predictor, one of
     the two COVID-19 films from Hannover (a hospital in none of the training data) is flagged (P 0.622)
     and one is not (0.299); neither NIH example is (0.118, no finding; 0.369, pneumonia), though the
     pneumonia film scores above the second Hannover film."""

@@ -19,18 +19,15 @@ import logging
 import sys
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
 from covidtl.export import CardError, select_exported, set_card_entry
 from covidtl.images import load_image
 from covidtl.inference import Predictor
-from covidtl.labels import LabelFileError, Record, parse_label_file, split_paths
+from covidtl.labels import LabelFileError, Record, parse_label_file, split_paths, spread
 from covidtl.locate import DatasetUnavailableError
 from covidtl.resolution_audit import audit_films
 from covidtl.scan import MissingImagesError, check_images
-
-log = logging.getLogger("train.resolution_audit")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -46,15 +43,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     return p.parse_args(argv)
-
-
-def spread(records: list[Record], max_films: int) -> list[Record]:
-    """At most `max_films` of `records` (0: all), evenly spaced in (source, filename) order, so
-    that every source keeps its share."""
-    ranked = sorted(records, key=lambda r: (r.source, r.filename))
-    if max_films <= 0 or max_films >= len(ranked):
-        return ranked
-    return [ranked[i] for i in np.unique(np.linspace(0, len(ranked) - 1, max_films).round().astype(int))]
 
 
 def audit_card(path: Path, records: list[Record], image_dir: Path, args: argparse.Namespace) -> dict:

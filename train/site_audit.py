@@ -35,8 +35,6 @@ from covidtl.scan import CorruptImagesError, MissingImagesError
 from covidtl.site_audit import audit_model
 from train.run import load_splits, lung_weights_for, prepare_caches, scoring_loader
 
-log = logging.getLogger("train.site_audit")
-
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m train.site_audit", description=__doc__,
