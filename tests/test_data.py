@@ -281,9 +281,11 @@ def test_resolve_dataset_root_fails_fast_when_packets_are_dropped(monkeypatch, t
 def test_resolve_dataset_root_really_offline(monkeypatch, tmp_path, connect_timeout):
     """Really call kagglehub with every DNS lookup failing, as on a machine with no network."""
 
-    lookups = []
+    lookups, real, this_thread = [], socket.getaddrinfo, threading.get_ident()
 
     def unreachable(host, port, *args, **kwargs):
+        if threading.get_ident() != this_thread:  # another test's server thread in this worker (127.0.0.1)
+            return real(host, port, *args, **kwargs)
         lookups.append((host, port))
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known (network blocked by test)")
 
