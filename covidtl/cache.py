@@ -56,7 +56,7 @@ import torch
 from PIL import Image
 
 from covidtl.export import sha256_file
-from covidtl.harmonize import at_film_size
+from covidtl.harmonize import film_part
 from covidtl.images import UnreadableImageError, load_image
 from covidtl.labels import Record
 from covidtl.scan import corrupt_images_error
@@ -126,8 +126,10 @@ class ImageCache:
     # was kept whole (its lung mask was implausible).
     lung_model_sha256: str | None = None
     kept_whole: dict[str, str] = field(default_factory=dict)
-    # Caches of films at one resolution (covidtl.harmonize) only: that film size.
+    # Caches of films at one resolution (covidtl.harmonize) only: that film size, and the JPEG
+    # quality of the copy each film was made into (None: no copy).
     film_size: int | None = None
+    film_jpeg: int | None = None
 
     def __len__(self) -> int:
         return len(self.filenames)
@@ -181,15 +183,18 @@ def _files_fingerprint(records: Sequence[Record], image_dir: Path) -> str:
 
 
 def _folder_name(image_dir: Path, input_size: int, crop_fraction: float, color: str, lung_sha: str | None = None,
-                 film_size: int | None = None) -> str:
+                 film_size: int | None = None, film_jpeg: int | None = None) -> str:
     side = round(input_size / crop_fraction)
     text = f"{image_dir.resolve()}\0{input_size}\0{crop_fraction!r}\0{color}"
     if lung_sha is not None:  # lung-cropped: another cache per lung model
         text += f"\0lungs\0{lung_sha}"
     if film_size is not None:  # films at one resolution: another cache per film size
         text += f"\0film\0{film_size}"
+    if film_jpeg is not None:  # films made into JPEG copies: another cache per quality
+        text += f"\0jpeg\0{film_jpeg}"
     key = hashlib.sha256(text.encode()).hexdigest()
     film = f"-film{film_size}" if film_size is not None else ""
+    film += f"-jpeg{film_jpeg}" if film_jpeg is not None else ""
     return f"{image_dir.name}-{side}px-{color}{'-lungs' if lung_sha else ''}{film}-{key[:12]}"
 
 
@@ -214,7 +219,7 @@ def _available_cpus() -> int:
 
 def _init_worker(
     pixels_path: str, image_dir: str, input_size: int, crop_fraction: float, color: str, lung_weights: str | None = None,
-    film_size: int | None = None, worker: bool = True,
+    film_size: int | None = None, film_jpeg: int | None = None, worker: bool = True,
 ) -> None:
     lungs = None
     if lung_weights is not None:
@@ -232,6 +237,7 @@ def _init_worker(
         input_size=input_size,
         color=color,
         film_size=film_size,
+        film_jpeg=film_jpeg,
     )
 
 
@@ -247,13 +253,13 @@ def _cache_one(task: tuple[int, str]) -> tuple[int, str | None, str | None]:
     except UnreadableImageError as error:
         cause = error.__cause__ or error
         return row, f"{type(cause).__name__}: {cause}", None
-    whole, film = None, image.size
+    whole, box = None, None
     if _job["lungs"] is not None:
         from covidtl.lungs import crop_to_lungs
 
         lung_crop = crop_to_lungs(image, _job["lungs"])
-        image, whole = lung_crop.image, lung_crop.check.reason
-    image = at_film_size(image, film, _job["film_size"])
+        box, whole = lung_crop.box, lung_crop.check.reason
+    image = film_part(image, box, _job["film_size"], _job["film_jpeg"])
     image = _job["resize"](image)
     image = image.crop(crop_box(image.width, image.height, _job["side"], _job["input_size"]))
     if gray:
@@ -302,6 +308,7 @@ def _build(
     progress: Progress,
     lung_weights: Path | None = None,
     film_size: int | None = None,
+    film_jpeg: int | None = None,
 ) -> None:
     """Build the cache into `folder`; adds ``kept_whole`` to `index` for lung crops."""
     side = round(input_size / crop_fraction)
@@ -313,7 +320,7 @@ def _build(
         pixels_path = staging / _PIXELS
         np.lib.format.open_memmap(pixels_path, mode="w+", dtype=np.uint8, shape=shape).flush()
         setup = (str(pixels_path), str(image_dir), input_size, crop_fraction, color,
-                 None if lung_weights is None else str(lung_weights), film_size)
+                 None if lung_weights is None else str(lung_weights), film_size, film_jpeg)
         tasks = [(i, record.filename) for i, record in enumerate(records)]
         if num_workers > 0:
             with ProcessPoolExecutor(num_workers, initializer=_init_worker, initargs=setup) as pool:
@@ -358,6 +365,7 @@ def ensure_cache(
     progress: Progress = None,
     lung_weights: str | Path | None = None,
     film_size: int | None = None,
+    film_jpeg: int | None = None,
 ) -> ImageCache:
     """The cache of ``records``' images for this geometry: reused when still valid, else built.
 
@@ -377,6 +385,8 @@ def ensure_cache(
             first, or None for whole images.
         film_size: bring each image (or its lung crop) to the detail of a ``film_size``
             square copy of it first (:func:`covidtl.harmonize.at_film_size`), or None.
+        film_jpeg: with `film_size`, cut each image (or its lung crop) from a JPEG copy of
+            the whole film at this quality (:func:`covidtl.harmonize.film_part`), or None.
 
     Raises:
         ValueError: unknown ``color`` or a bad geometry.
@@ -391,7 +401,9 @@ def ensure_cache(
     image_dir, label_file = Path(image_dir), Path(label_file)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     lung_sha = None if lung_weights is None else sha256_file(Path(lung_weights))
-    folder = cache_dir / _folder_name(image_dir, input_size, crop_fraction, color, lung_sha, film_size)
+    if film_jpeg is not None and film_size is None:
+        raise ValueError("film_jpeg makes each film into a film_size copy: give film_size too")
+    folder = cache_dir / _folder_name(image_dir, input_size, crop_fraction, color, lung_sha, film_size, film_jpeg)
     side = round(input_size / crop_fraction)
     expected = {
         "version": FORMAT_VERSION,
@@ -408,6 +420,8 @@ def ensure_cache(
         expected["lung_model_sha256"] = lung_sha
     if film_size is not None:
         expected["film_size"] = film_size
+    if film_jpeg is not None:
+        expected["film_jpeg"] = film_jpeg
     with _locked(folder):
         try:
             index = json.loads((folder / _INDEX).read_text(encoding="utf-8"))
@@ -424,7 +438,7 @@ def ensure_cache(
                 "created": datetime.now(UTC).isoformat(timespec="seconds"),
             }
             _build(folder, records, image_dir, input_size, crop_fraction, color, index, workers, progress,
-                   None if lung_weights is None else Path(lung_weights), film_size)
+                   None if lung_weights is None else Path(lung_weights), film_size, film_jpeg)
             logger.info("built %s in %.1f s", folder.name, time.perf_counter() - started)
         else:
             logger.info("using image cache %s (%d images)", folder, len(records))
@@ -439,6 +453,7 @@ def ensure_cache(
         lung_model_sha256=lung_sha,
         kept_whole=dict(index.get("kept_whole", {})),
         film_size=film_size,
+        film_jpeg=film_jpeg,
     )
 
 
@@ -454,9 +469,10 @@ def card_cache(
 ) -> ImageCache | None:
     """The cache that frames ``records`` as an exported model's training cache framed its films,
     from the model's card: cut to the lungs by its lung model (a ``lung_crop`` card), at its
-    film size (``film_size``), in its cache colour (``config.cache``; grey for a card that does
-    not say). None for a card that frames each whole film at its own resolution: the uncached
-    pipeline then gives the same tensors (see the module docstring).
+    film size (``film_size``; from its JPEG copy, ``film_jpeg``), in its cache colour
+    (``config.cache``; grey for a card that does not say). None for a card that frames each
+    whole film at its own resolution: the uncached pipeline then gives the same tensors (see
+    the module docstring).
 
     Args:
         lung_weights: the card's lung model, for a ``lung_crop`` card (ignored otherwise).
@@ -479,7 +495,8 @@ def card_cache(
     color = card.get("config", {}).get("cache", "gray")
     return ensure_cache(records, image_dir, label_file, cache_dir, int(card["input_size"]),
                         float(card["crop_fraction"]), color=color, num_workers=num_workers, progress=progress,
-                        lung_weights=lung_weights if crop else None, film_size=film_size)
+                        lung_weights=lung_weights if crop else None, film_size=film_size,
+                        film_jpeg=card.get("film_jpeg"))
 
 
 # --------------------------------------------------------------------------- dataset

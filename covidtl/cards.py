@@ -368,7 +368,11 @@ def card_markdown(card: dict, held_out: HeldOut | None = None) -> str:
         kept = ", ".join(f"{s} {n}/{(crop.get('images') or {}).get(s, '?')}" for s, n in (crop.get("kept_whole") or {}).items())
         lines.append(f"\n**Lung crop:** each image is cut to its lungs (lung model `{_cell(crop.get('lung_model'))}`, "
                      f"margin {crop.get('margin')}) before the resize; kept whole (implausible mask): {kept}.")
-    if card.get("film_size"):
+    if card.get("film_size") and card.get("film_jpeg"):
+        lines.append(f"\n**One resolution, one copy:** every film is first made into a {card['film_size']} x "
+                     f"{card['film_size']} px JPEG copy (quality {card['film_jpeg']}) and seen as such "
+                     "(`covidtl.harmonize`), in training and here alike.")
+    elif card.get("film_size"):
         lines.append(f"\n**One resolution:** every film is seen at the detail of a {card['film_size']} x "
                      f"{card['film_size']} px copy of it (`covidtl.harmonize`), in training and here alike.")
     if isinstance(card.get("shortcut_audit"), dict):

@@ -55,6 +55,9 @@ class TrainConfig:
     gamma: float = 0.0
     blur: float = 0.0
     noise: float = 0.0
+    # probability of showing a training film as another copy would (covidtl.augment.RandomRecode:
+    # shrunk with a random filter, JPEG at a random quality, resized back); 0: off
+    recode: float = 0.0
     label_smoothing: float = 0.0  # CrossEntropyLoss(label_smoothing=...)
     # > 0: mixup (Zhang et al. 2018) in training: each batch is blended with a shuffled copy
     # of itself, weight lambda ~ Beta(mixup, mixup), and so are the two images' losses.
@@ -94,6 +97,9 @@ class TrainConfig:
     # covidx-large's bimcv and rsna films are at 224; done in the cache build and by the
     # Predictor, so it needs a cache. None: each film at its own resolution.
     film_size: int | None = None
+    # Q (with film_size): every film is first made into a film_size x film_size JPEG copy at
+    # quality Q (covidtl.harmonize.film_copy), as covidx-large's bimcv and rsna films are; None: no copy.
+    film_jpeg: int | None = None
     # Only these sources train and select the model (train and validation splits), e.g.
     # ["cohen", "fig1", "nih"] for adult films only; None: every source. The test split is
     # scored whole, so the card also shows the sources left out.
@@ -126,6 +132,10 @@ class TrainConfig:
             raise ValueError('film_size is applied in the image cache build: set cache = "gray" or "rgb"')
         if self.film_size is not None and self.film_size < 32:
             raise ValueError(f"film_size must be 32 px or more (or left out for each film's own), not {self.film_size}")
+        if self.film_jpeg is not None and self.film_size is None:
+            raise ValueError("film_jpeg makes each film into a film_size copy: set film_size too")
+        if self.film_jpeg is not None and not 1 <= self.film_jpeg <= 95:
+            raise ValueError(f"film_jpeg is a JPEG quality, 1 to 95, not {self.film_jpeg}")
         if (self.mean is None) != (self.std is None):
             raise ValueError("give both mean and std, or neither")
         if self.weights_dtype not in ("float32", "float16"):
@@ -134,6 +144,8 @@ class TrainConfig:
             raise ValueError(f"crop_fraction must be in (0, 1], not {self.crop_fraction}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), not {self.label_smoothing}")
+        if not 0 <= self.recode <= 1:
+            raise ValueError(f"recode is a probability in [0, 1], not {self.recode}")
         if self.mixup < 0:
             raise ValueError(f"mixup is the Beta distribution's parameter: 0 (off) or positive, not {self.mixup}")
         if self.input_size is not None and self.input_size < 32:

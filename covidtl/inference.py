@@ -34,7 +34,7 @@ from covidtl.classes import CLASSES, POSITIVE
 from covidtl.dicom import HEAD_LENGTH, DicomError, is_dicom, read_dicom
 from covidtl.explain import DEFAULT_METHOD, explain
 from covidtl.export import CARD_SUFFIX, CardError, card_temperature, list_exported, load_model, read_card
-from covidtl.harmonize import at_film_size
+from covidtl.harmonize import film_part
 from covidtl.images import UnreadableImageError, load_image
 from covidtl.models import ModelSpec, get_spec
 from covidtl.transforms import eval_view, input_steps
@@ -248,6 +248,7 @@ class Predictor:
         self.equalize = bool(card.get("equalize", False))
         # Films at one resolution (covidtl.harmonize), as the training cache made them; None: their own.
         self.film_size = None if card.get("film_size") is None else int(card["film_size"])
+        self.film_jpeg = None if card.get("film_jpeg") is None else int(card["film_jpeg"])
         # The eval transform of training (covidtl.transforms.build_transform), in two parts: the
         # framing of the 8-bit image, then the tensor. An "L" image is framed in its one
         # band and repeated into three only as a tensor: the numbers of its RGB copy, for
@@ -279,7 +280,8 @@ class Predictor:
     def geometry(self) -> tuple:
         """Models with equal geometry turn an image into the same input tensor."""
         lungs = self.card["lung_crop"]["lung_model_sha256"] if self.lungs is not None else None
-        return (self.input_size, self.crop_fraction, self.equalize, self.mean, self.std, lungs, self.film_size)
+        return (self.input_size, self.crop_fraction, self.equalize, self.mean, self.std, lungs, self.film_size,
+                self.film_jpeg)
 
     def lung_crop(self, image: Image.Image, located: LungCrop | None = None) -> LungCrop | None:
         """For a lung-crop model, `image` cut to its lungs (the training cache's
@@ -304,9 +306,10 @@ class Predictor:
     def framed(self, image: Image.Image, lung_crop: LungCrop | None = None) -> Image.Image:
         """`image` as "L" or RGB, cut to its lungs first for a lung-crop model (`lung_crop`
         when given, else `self.lung_crop(image)`), at the card's film size
-        (`covidtl.harmonize.at_film_size`) when it has one."""
-        part = _l_or_rgb(image) if self.lungs is None else (lung_crop or self.lung_crop(image)).image
-        return at_film_size(part, image.size, self.film_size)
+        (`covidtl.harmonize.film_part`: from its JPEG copy when the card has ``film_jpeg``) when it
+        has one."""
+        box = None if self.lungs is None else (lung_crop or self.lung_crop(image)).box
+        return film_part(_l_or_rgb(image), box, self.film_size, self.film_jpeg)
 
     def preprocess(self, image: Image.Image, lung_crop: LungCrop | None = None) -> torch.Tensor:
         """8-bit "L" or RGB image (others are converted to RGB) -> normalized float32

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from covidtl.augment import intensity_steps
+from covidtl.augment import RandomRecode, intensity_steps
 from covidtl.cache import CachedDataset, ImageCache
 from covidtl.config import TrainConfig
 from covidtl.data import CovidxDataset, balanced_sampler_weights
@@ -98,6 +98,7 @@ def train_loader(
         crop_scale=config.crop_scale,
         intensity=intensity_steps(config.gamma, config.blur, config.noise),
         equalize=config.equalize,
+        recode=RandomRecode(config.recode) if config.recode else None,
     )
     weights = None
     if config.balance == "sampler":

@@ -4,7 +4,9 @@ Hospitals export the same film at different sizes: a 3000 px original, a 1024 px
 a 224 x 224 square in a public collection (the COVID-19 Radiography Database, which
 covidx-large's bimcv and rsna films come from). A model whose decision flips when a film
 arrives at half or twice its size, or as such a square, decides partly by the copy, not by
-the lungs, and its answers at a new site depend on how that site exports. Each film is scored
+the lungs, and its answers at a new site depend on how that site exports. The "jpeg" variant is
+that collection's kind of copy (224 x 224, JPEG quality 92), and "database" the same made from
+the database's 299 x 299 film: the cue covidx-large ties to both of its largest one-class sources. Each film is scored
 as it is and in each of `VARIANTS`; the audit reports, per variant, the share of decisions that
 changed and the sensitivity and specificity at the model's own threshold beside the
 unchanged films'. Scoring goes through `covidtl.inference.Predictor`, the app's path (lung
@@ -20,8 +22,13 @@ import numpy as np
 from PIL import Image
 
 from covidtl.engine import Progress
+from covidtl.harmonize import film_copy
 
 SQUARE_SIDE = 224
+# The JPEG quality of covidx-large's 224 x 224 copies (bimcv, rsna), read from their quantization tables.
+COPY_QUALITY = 92
+# The COVID-19 Radiography Database, where those copies come from, published its films at 299 x 299.
+DATABASE_SIDE = 299
 
 
 def _half(image: Image.Image) -> Image.Image:
@@ -36,11 +43,24 @@ def _square(image: Image.Image) -> Image.Image:
     return image.resize((SQUARE_SIDE, SQUARE_SIDE), Image.Resampling.BILINEAR)
 
 
-# name -> (what it stands for, the change); the one list the audit, its command and the cards follow
+def _jpeg(image: Image.Image) -> Image.Image:
+    return film_copy(image, SQUARE_SIDE, COPY_QUALITY)
+
+
+def _database_copy(image: Image.Image) -> Image.Image:
+    return film_copy(image.resize((DATABASE_SIDE, DATABASE_SIDE), Image.Resampling.BILINEAR), SQUARE_SIDE, COPY_QUALITY)
+
+
+# name -> (what it stands for, the change); the one list the audit, its command, the cards and the
+# model table follow
 VARIANTS: dict[str, tuple[str, Callable[[Image.Image], Image.Image]]] = {
     "half": ("half the width and height (box average), a smaller export", _half),
     "double": ("twice the width and height (bicubic), a larger export of the same detail", _double),
     "square": (f"a {SQUARE_SIDE} x {SQUARE_SIDE} px square (bilinear), as public collections resize them", _square),
+    "jpeg": (f"a {SQUARE_SIDE} x {SQUARE_SIDE} px JPEG copy at quality {COPY_QUALITY} (bicubic), as covidx-large's "
+             "bimcv and rsna films are", _jpeg),
+    "database": (f"the same copy made from a {DATABASE_SIDE} x {DATABASE_SIDE} px one (bilinear), the COVID-19 "
+                 "Radiography Database's path", _database_copy),
 }
 
 
@@ -67,10 +87,11 @@ def audit_films(
         progress: optional wrapper of `films` (e.g. ``tqdm``).
 
     Returns:
-        ``{"n", "n_positive", "threshold", "as_is": {sensitivity, specificity}, "variants":
-        {name: {"change", "flipped", "mean_abs_change", "sensitivity", "specificity"}}}``;
-        ``flipped`` is the share of films whose decision differs from their unchanged one's,
-        ``mean_abs_change`` the mean absolute change of P(COVID-19).
+        ``{"n", "n_positive", "threshold", "as_is": {sensitivity, specificity, median_p},
+        "variants": {name: {"change", "flipped", "mean_abs_change", "sensitivity", "specificity",
+        "median_p"}}}``; ``flipped`` is the share of films whose decision differs from their
+        unchanged one's, ``mean_abs_change`` the mean absolute change of P(COVID-19),
+        ``median_p`` the median P(COVID-19).
 
     Raises:
         ValueError: no films.
@@ -90,12 +111,13 @@ def audit_films(
         "n": len(y),
         "n_positive": int(y.sum()),
         "threshold": float(threshold),
-        "as_is": _rates(y, decided["as_is"]),
+        "as_is": {**_rates(y, decided["as_is"]), "median_p": float(np.median(p["as_is"]))},
         "variants": {
             name: {
                 "change": description,
                 "flipped": float((decided[name] != decided["as_is"]).mean()),
                 "mean_abs_change": float(np.abs(p[name] - p["as_is"]).mean()),
+                "median_p": float(np.median(p[name])),
                 **_rates(y, decided[name]),
             }
             for name, (description, _) in VARIANTS.items()

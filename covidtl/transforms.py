@@ -54,6 +54,7 @@ def build_transform(
     crop_scale: float = 1.0,
     intensity: Sequence[Callable] = (),
     equalize: bool = False,
+    recode: Callable | None = None,
 ) -> v2.Compose:
     """RGB ``PIL.Image`` -> normalized float32 tensor ``[3, input_size, input_size]``.
 
@@ -64,13 +65,17 @@ def build_transform(
     ``crop_scale`` to all of the resized image's area, resized to ``input_size``; it moves
     the film's edges, markers and body outline around so they are less useful as cues.
     `intensity` (training only): steps on the [0, 1] float image before normalizing,
-    e.g. ``covidtl.augment.intensity_steps(...)``. `equalize`: histogram equalization of the
-    framed image (`Equalize`), in training (after the crop, before the augmentation) and at
-    evaluation alike.
+    e.g. ``covidtl.augment.intensity_steps(...)``. `recode` (training only): a step on the
+    8-bit image before the framing, e.g. ``covidtl.augment.RandomRecode(p)``, so that its
+    resampling and JPEG blocks sit at the film's scale. `equalize`: histogram equalization of
+    the framed image (`Equalize`), in training (after the crop, before the augmentation) and
+    at evaluation alike.
     """
     if not 0 < crop_scale <= 1:
         raise ValueError(f"crop_scale must be in (0, 1], got {crop_scale}")
     steps: list[torch.nn.Module] = eval_geometry(input_size, crop_fraction)
+    if train and recode is not None:
+        steps.insert(0, recode)
     if train and crop_scale < 1:
         steps[-1] = v2.RandomResizedCrop(input_size, scale=(crop_scale, 1.0), ratio=(0.8, 1.25))
     if equalize:

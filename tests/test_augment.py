@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from covidtl.augment import RandomGamma, RandomNoise, intensity_steps
+from covidtl.augment import RandomGamma, RandomNoise, RandomRecode, intensity_steps
 from covidtl.config import TrainConfig
 from covidtl.loaders import train_loader
 from covidtl.transforms import build_transform
@@ -70,3 +70,39 @@ def test_the_recipe_equalizes_training_films_as_it_does_evaluation_ones(tmp_path
         else:
             assert 39 / 255 <= x.min() and x.max() <= 117 / 255
     torch.testing.assert_close(trained, evaluated)
+
+
+def test_recode_keeps_size_and_mode_and_changes_the_texture_only(seeded):
+    """A recoded film is the same film (close grey levels) with other fine texture; p = 0 leaves it."""
+    rng = np.random.default_rng(0)
+    smooth = np.tile(np.linspace(30, 220, 90), (96, 1)) + rng.normal(0, 12, (96, 90))
+    image = Image.fromarray(smooth.clip(0, 255).astype(np.uint8), mode="L").convert("RGB")
+    assert RandomRecode(0.0)(image) is image
+    recoded = [RandomRecode(1.0)(image) for _ in range(8)]
+    pixels = np.asarray(image, dtype=float)
+    for out in recoded:
+        assert out.size == image.size and out.mode == image.mode
+        change = np.abs(np.asarray(out, dtype=float) - pixels)
+        assert 0 < change.mean() < 15
+    assert len({np.asarray(out).tobytes() for out in recoded}) == len(recoded)  # a new copy each draw
+    with pytest.raises(ValueError, match="probability"):
+        RandomRecode(1.5)
+    with pytest.raises(ValueError, match="recode"):
+        TrainConfig(name="t", backbone="squeezenet1_1", recode=-0.1)
+
+
+def test_the_recipe_recodes_training_films_before_the_framing_and_never_at_eval(tiny_covidx, seeded):
+    from covidtl.labels import parse_label_file
+
+    records = parse_label_file(tiny_covidx / "train.txt")
+    config = TrainConfig(name="t", backbone="squeezenet1_1", pretrained=False, num_workers=0, batch_size=4, recode=0.5)
+    loader, _ = train_loader(records, tiny_covidx / "train", config, 32, [0.5] * 3, [0.25] * 3)
+    steps = loader.dataset.transform.transforms
+    assert isinstance(steps[0], RandomRecode) and steps[0].p == 0.5
+    plain = TrainConfig(name="t", backbone="squeezenet1_1", pretrained=False, num_workers=0, batch_size=4)
+    names = [type(step).__name__ for step in train_loader(records, tiny_covidx / "train", plain, 32, [0.5] * 3,
+                                                          [0.25] * 3)[0].dataset.transform.transforms]
+    assert "RandomRecode" not in names
+    image = Image.fromarray((np.random.default_rng(1).random((80, 70, 3)) * 255).astype(np.uint8))
+    evaluated = build_transform(32, [0.5] * 3, [0.25] * 3, train=False, recode=RandomRecode(1.0))
+    assert torch.equal(evaluated(image), build_transform(32, [0.5] * 3, [0.25] * 3, train=False)(image))

@@ -1,5 +1,6 @@
 """film_size: every film seen at the detail of a fixed-size square copy of it (covidtl.harmonize),
-in the cache build, in train.evaluate and in the Predictor alike."""
+in the cache build, in train.evaluate and in the Predictor alike; film_jpeg: every film made into
+such a copy, JPEG-compressed, before its lungs are cut out."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from covidtl.cache import CachedDataset, ensure_cache
 from covidtl.cards import card_markdown
 from covidtl.config import TrainConfig
 from covidtl.export import load_model
-from covidtl.harmonize import at_film_size
+from covidtl.harmonize import at_film_size, film_copy, film_part
 from covidtl.images import load_image
 from covidtl.inference import Predictor
 from covidtl.labels import parse_label_file, split_paths
@@ -90,9 +91,12 @@ def test_the_predictor_sees_the_film_size_the_training_cache_saw(tiny_covidx, tm
         assert not torch.equal(plain.preprocess(film)[0], training[i][0]), record.filename
 
 
-def test_evaluate_brings_the_films_to_the_cards_film_size_like_the_predictor(tiny_covidx, tmp_path):
+@pytest.mark.parametrize(("framing", "left_out"), [({"film_size": FILM}, "film_size"),
+                                                  ({"film_size": FILM, "film_jpeg": 40}, "film_jpeg")])
+def test_evaluate_brings_the_films_to_the_cards_film_size_like_the_predictor(tiny_covidx, tmp_path, framing, left_out):
+    """train.evaluate frames each film as the card says (film size; JPEG copy), as the Predictor does."""
     path = export_tiny_model(tmp_path / "w", "tiny", "resnet18", input_size=SIZE, crop_fraction=FRACTION, seed=1,
-                             film_size=FILM)
+                             **framing)
     out = tmp_path / "report"
     assert evaluate_cli.main(["--weights", str(path.with_suffix(".safetensors")), "--data", str(tiny_covidx),
                               "--out", str(out), "--n-boot", "20", "--num-workers", "0", "--no-progress",
@@ -102,6 +106,67 @@ def test_evaluate_brings_the_films_to_the_cards_film_size_like_the_predictor(tin
     label_file, image_dir = split_paths(tiny_covidx, "test")
     films = [load_image(image_dir / r.filename) for r in parse_label_file(label_file)]
     assert scored == pytest.approx([Predictor(model, card).predict(f).p_positive for f in films], abs=1e-4)
-    own_size = Predictor(model, {k: v for k, v in card.items() if k != "film_size"})
-    assert scored != pytest.approx([own_size.predict(f).p_positive for f in films], abs=1e-4)
+    without = Predictor(model, {k: v for k, v in card.items() if k != left_out})
+    assert scored != pytest.approx([without.predict(f).p_positive for f in films], abs=1e-4)
 
+
+
+def _blockiness(image: Image.Image) -> float:
+    """Mean step across the 8 px JPEG block edges over the mean step elsewhere (1: no blocks)."""
+    steps = np.abs(np.diff(np.asarray(image, dtype=float), axis=1))
+    return float(steps[:, 7::8].mean() / np.delete(steps, np.s_[7::8], axis=1).mean())
+
+
+def test_a_film_copy_is_the_film_size_square_with_jpeg_blocks_and_a_copy_changes_little_when_copied_again():
+    film = _smooth_film(400, 300)
+    film = Image.fromarray((np.asarray(film, float) + np.random.default_rng(1).normal(0, 6, (300, 400))).clip(0, 255)
+                           .astype(np.uint8))
+    copy = film_copy(film, 224, 60)
+    assert copy.size == (224, 224) and copy.mode == "L"
+    plain = film.resize((224, 224), Image.Resampling.BICUBIC)
+    assert _blockiness(copy) > _blockiness(plain) + 0.05
+    again = film_copy(copy, 224, 60)  # the bimcv and rsna films: copies already
+    assert np.abs(np.asarray(again, float) - np.asarray(copy, float)).mean() < 0.5
+    assert film_copy(film.convert("RGB"), 224, 60).mode == "RGB"
+    with pytest.raises(ValueError, match="quality"):
+        film_copy(film, 224, 100)
+
+
+def test_a_part_of_the_copy_is_its_box_scaled_into_the_copy():
+    film = _smooth_film(400, 200)
+    box = (100, 40, 300, 190)
+    part = film_part(film, box, 224, 90)
+    assert part.size == (112, 168)  # x 0.56 across, x 1.12 down
+    assert np.array_equal(np.asarray(part), np.asarray(film_copy(film, 224, 90).crop((56, 45, 168, 213))))
+    assert np.array_equal(np.asarray(film_part(film, None, 224, 90)), np.asarray(film_copy(film, 224, 90)))
+    assert np.array_equal(np.asarray(film_part(film, box, 224)), np.asarray(at_film_size(film.crop(box), film.size, 224)))
+    with pytest.raises(ValueError, match="film_size"):
+        film_part(film, box, None, 90)
+    with pytest.raises(ValueError, match="film_size"):
+        TrainConfig(name="m", backbone="resnet18", cache="gray", film_jpeg=90)
+    with pytest.raises(ValueError, match="1 to 95"):
+        TrainConfig(name="m", backbone="resnet18", cache="gray", film_size=224, film_jpeg=0)
+
+
+@pytest.mark.parametrize("lung_crop", [False, True])
+def test_the_predictor_cuts_from_the_jpeg_copy_the_training_cache_cut_from(tiny_covidx, tmp_path, fake_lungs,
+                                                                            lung_crop):
+    records, image_dir, label_file = _split(tiny_covidx)
+    lung_weights = fake_lungs if lung_crop else None
+    sized = ensure_cache(records, image_dir, label_file, tmp_path, SIZE, FRACTION, num_workers=0,
+                         lung_weights=lung_weights, film_size=FILM)
+    cache = ensure_cache(records, image_dir, label_file, tmp_path, SIZE, FRACTION, num_workers=0,
+                         lung_weights=lung_weights, film_size=FILM, film_jpeg=50)
+    assert cache.path != sized.path and "jpeg50" in cache.path.name and cache.film_jpeg == 50
+    assert not np.array_equal(cache.pixels(), sized.pixels())
+    training = CachedDataset(cache, records, build_transform(SIZE, MEAN, STD, train=False, crop_fraction=FRACTION))
+    card = _card(lung_crop) | {"film_size": FILM, "film_jpeg": 50}
+    lungs = FakeLungs() if lung_crop else None
+    predictor = Predictor(create_model("resnet18"), card, lung_model=lungs)
+    sized_only = Predictor(create_model("resnet18"), _card(lung_crop) | {"film_size": FILM}, lung_model=lungs)
+    assert predictor.geometry != sized_only.geometry
+    assert "JPEG copy (quality 50)" in card_markdown(card)
+    for i, record in enumerate(records):
+        film = load_image(image_dir / record.filename, grey=True)
+        assert torch.equal(predictor.preprocess(film)[0], training[i][0]), record.filename
+        assert not torch.equal(sized_only.preprocess(film)[0], training[i][0]), record.filename

@@ -192,3 +192,35 @@ def test_a_one_class_source_is_ranked_against_the_validation_films_of_the_other_
     normal = loso.auc_against_validation(np.array([0, 0]), np.array([0.2, 0.97]), val_labels, val_scores)
     assert normal == pytest.approx(0.5)  # the validation positive 0.95 against 0.2 and 0.97
     assert loso.auc_against_validation(np.array([0, 1]), np.array([0.2, 0.9]), val_labels, val_scores) is None
+
+
+def test_the_fold_audit_scores_a_folds_model_as_the_fold_scored_it(tiny_covidx, tmp_path, capsys):
+    """`python -m train.fold_audit` rebuilds a fold's model from its checkpoint, the recipe's framing
+    (film size, JPEG copy, equalization) and the fold's threshold and temperature: on every film
+    of the held-out source it reaches the very sensitivity and specificity the fold reported."""
+    from covidtl.resolution_audit import VARIANTS
+    from train import fold_audit
+
+    recipe = _recipe(tmp_path / "recipe.toml", "film_size = 40\nfilm_jpeg = 60\nequalize = true\ninput_size = 48\n")
+    out, runs = tmp_path / "tiny.loso.json", tmp_path / "runs"
+    common = ["--data", str(tiny_covidx), "--runs-dir", str(runs)]
+    assert loso.main(["--recipe", str(recipe), "--epochs", "1", "--n-boot", "20", "--sources", "srcA", "--out",
+                      str(out), "--cache-dir", str(tmp_path / "cache"), *common]) == 0
+    fold = json.loads(out.read_text())["folds"][0]
+    audit_out = tmp_path / "audit.json"
+    argv = ["--recipe", str(recipe), "--loso", str(out), *common, "--no-progress", "--max-films", "0"]
+    assert fold_audit.main([*argv, "--held-out", "srcA", "--splits", "train", "val", "test", "--sources", "srcA",
+                            "srcB", "--out", str(audit_out)]) == 0
+    result = json.loads(audit_out.read_text())
+    assert result["model"] == "tiny without srcA" and result["threshold"] == fold["threshold"]
+    held_out = result["sources"]["srcA"]
+    assert (held_out["n"], held_out["n_positive"]) == (fold["n"], fold["n_positive"])
+    for rate in ("sensitivity", "specificity"):
+        assert held_out["as_is"][rate] == pytest.approx(fold["overall"][rate]["value"])
+    assert set(held_out["variants"]) == set(VARIANTS) and set(result["sources"]) == {"srcA", "srcB"}
+    assert "srcA (14 films, 7 COVID-19): median P(COVID-19) as is " in capsys.readouterr().out
+
+    assert fold_audit.main([*argv, "--held-out", "srcB"]) == 2
+    assert "no fold holding out 'srcB'" in capsys.readouterr().err
+    assert fold_audit.main([*argv, "--held-out", "srcA", "--runs-dir", str(tmp_path / "elsewhere")]) == 2
+    assert "no fold checkpoint" in capsys.readouterr().err

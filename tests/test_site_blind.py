@@ -229,6 +229,31 @@ def test_the_site_audit_command_names_an_unknown_model(site_blind_run, capsys):
     assert "no classifier ['nope']" in capsys.readouterr().err
 
 
+def test_the_site_audit_command_frames_a_lung_crop_card_with_its_own_lung_model_only(tiny_covidx, tmp_path,
+                                                                                     monkeypatch, capsys):
+    """The command frames films by the card (covidtl.cache.card_cache): a lung model whose sha256 is
+    not the card's is refused; the card's own is used to cut the films (and the audit written)."""
+    from covidtl import lungs
+    from covidtl.export import sha256_file
+    from tests.synthetic_inputs import FakeLungs, export_tiny_model
+
+    monkeypatch.setattr(lungs, "load_lung_model", lambda path: (FakeLungs(), {"name": "fake", "weights_sha256": "f"}))
+    lung_file, other = tmp_path / "fake.safetensors", tmp_path / "other.safetensors"
+    lung_file.write_bytes(b"fake lung model")
+    other.write_bytes(b"another lung model")
+    path = export_tiny_model(tmp_path / "w", "tiny", "resnet18", input_size=32, crop_fraction=0.9, seed=1,
+                             lung_crop={"lung_model": "fake", "lung_model_sha256": sha256_file(lung_file),
+                                        "margin": lungs.CROP_MARGIN})
+    args = ["--weights-dir", str(tmp_path / "w"), "--data", str(tiny_covidx), "--no-progress", "--num-workers", "0",
+            "--cache-dir", str(tmp_path / "cache")]
+    assert site_audit_cli.main([*args, "--lung-weights", str(other)]) == 2
+    assert "trained with lung model 'fake'" in capsys.readouterr().err
+    assert "site_audit" not in json.loads(path.with_suffix(".json").read_text())
+    assert site_audit_cli.main([*args, "--lung-weights", str(lung_file)]) == 0
+    assert list((tmp_path / "cache").iterdir()) and all("lungs" in p.name for p in (tmp_path / "cache").iterdir())
+    assert "site_audit" in json.loads(path.with_suffix(".json").read_text())
+
+
 def test_the_probe_keeps_a_patients_films_in_one_fold():
     """Two near-identical films a patient, features that say nothing of the source: grouped folds
     leave the probe at chance; folds that split a patient would let it recognise the twin."""

@@ -117,13 +117,19 @@ def test_a_recipe_input_size_is_trained_on_recorded_and_served(tiny_covidx, tmp_
     assert served == pytest.approx(trained, abs=1e-5)
 
 
-def test_a_film_size_recipe_is_trained_on_recorded_and_served(tiny_covidx, tmp_path):
-    """film_size = 40 (tiny_covidx's films are 64 px): the training cache, the card and the app's
-    Predictor all bring each film to that detail, so the Predictor reproduces the card's test scores."""
-    recipe = write_recipe(tmp_path, epochs=1, input_size=48, cache="gray", film_size=40)
+@pytest.mark.parametrize("film_jpeg", [None, 60])
+def test_a_film_size_recipe_is_trained_on_recorded_and_served(tiny_covidx, tmp_path, film_jpeg):
+    """film_size = 40 (tiny_covidx's films are 64 px), and with film_jpeg = 60 made into JPEG copies
+    of that size: the training cache, the card and the app's Predictor all bring each film to that
+    detail (and copy), so the Predictor reproduces the card's test scores."""
+    copy = {} if film_jpeg is None else {"film_jpeg": film_jpeg}
+    recipe = write_recipe(tmp_path, epochs=1, input_size=48, cache="gray", film_size=40, **copy)
     assert train_main(cli_args(recipe, tiny_covidx, tmp_path, "--cache-dir", str(tmp_path / "cache"))) == 0
     card = json.loads((tmp_path / "weights" / "tiny.json").read_text())
-    assert card["film_size"] == 40 and any("film40" in p.name for p in (tmp_path / "cache").iterdir())
+    assert card["film_size"] == 40 and card["film_jpeg"] == film_jpeg
+    cached = [p.name for p in (tmp_path / "cache").iterdir()]
+    assert any("film40" in name for name in cached)
+    assert any("jpeg60" in name for name in cached) == (film_jpeg is not None)
     predictor = Predictor.from_file(tmp_path / "weights" / "tiny.safetensors")
     trained = [r["p_positive"] for r in card["metrics"]["test"]["scores"]]
     served = [predictor.predict(load_upload(tiny_covidx / "test" / r["filename"])).p_positive

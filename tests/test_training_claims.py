@@ -226,8 +226,8 @@ def test_the_card_records_the_recipes_framing_and_normalization(run):
     assert run.card["crop_fraction"] == CROP
     assert run.card["mean"] == [MEAN] * 3 and run.card["std"] == [STD] * 3
     assert run.card["equalize"] is False
-    # False: not equalized; None: no lung crop
-    assert run.predictor.geometry == (INPUT_SIZE, CROP, False, (MEAN,) * 3, (STD,) * 3, None, None)
+    # False: not equalized; None: no lung crop, each film at its own size, no JPEG copy
+    assert run.predictor.geometry == (INPUT_SIZE, CROP, False, (MEAN,) * 3, (STD,) * 3, None, None, None)
     assert run.card["shortcut_audit"]["layer"] == get_spec("squeezenet1_1").cam_layer
 
 

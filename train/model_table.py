@@ -17,6 +17,7 @@ from covidtl.cards import HELD_OUT_SUFFIX, read_held_out
 from covidtl.classes import CLASSES, DISPLAY_NAMES
 from covidtl.config import load_recipe
 from covidtl.export import list_exported, read_card
+from covidtl.resolution_audit import VARIANTS
 
 METRIC_COLUMNS = ("auc", "sensitivity", "specificity", "ppv", "npv")
 # The recipe the ingredient comparison changes one thing at a time (train/recipes/ablation/).
@@ -247,8 +248,7 @@ def site_audit_rows(cards: list[dict]) -> list[str]:
 def resolution_audit_rows(cards: list[dict]) -> list[str]:
     """Each card's resolution audit (covidtl.resolution_audit): per variant, the share of decisions
     changed and the specificity and sensitivity there, beside the films as stored."""
-    audited = [card for card in cards if card.get("resolution_audit")]
-    names = list(audited[0]["resolution_audit"]["variants"]) if audited else []
+    names = list(VARIANTS)
     rows = ["| model | films (COVID-19) | as stored: spec / sens | "
             + " | ".join(f"{name}: changed, spec / sens" for name in names) + " |",
             "|---|---|---|" + "---|" * len(names)]
@@ -258,7 +258,7 @@ def resolution_audit_rows(cards: list[dict]) -> list[str]:
             rows.append(f"| `{card['name']}` | not audited | n/a | " + " | ".join("n/a" for _ in names) + " |")
             continue
         cells = [f"{100 * audit['variants'][name]['flipped']:.1f} %, {_spec_sens(audit['variants'][name])}"
-                 for name in names]
+                 if name in audit["variants"] else "not audited" for name in names]
         rows.append(f"| `{card['name']}` | {audit['n']} ({audit['n_positive']}) | {_spec_sens(audit['as_is'])} | "
                     + " | ".join(cells) + " |")
     return rows
@@ -326,11 +326,12 @@ def render(weights_dir: Path) -> str:
     if any(card.get("resolution_audit") for card in cards):
         audit = next(card["resolution_audit"] for card in cards if card.get("resolution_audit"))
         lines += ["", "## Does the answer depend on the film's size? (resolution audit)", "",
-                  "`python -m train.resolution_audit`: each film scored again through the app's path at half and",
-                  "at twice its size and as a 224 x 224 square (how public collections resize films), at the",
-                  f"model's threshold ({audit['data']}, {audit['split']} split, films spread over its sources;",
+                  "`python -m train.resolution_audit`: each film scored again through the app's path in each",
+                  "variant below, at the model's threshold",
+                  f"({audit['data']}, {audit['split']} split, films spread over its sources;",
                   "`covidtl/resolution_audit.py`). A decision that changes with how a site exports its films is",
-                  "one a new site cannot rely on.", ""]
+                  "one a new site cannot rely on.", "",
+                  *(f"- {name}: {description}" for name, (description, _) in VARIANTS.items()), ""]
         lines += resolution_audit_rows(cards)
     ablation = read_loso(Path(weights_dir) / "ablation")
     large_reference = site_blind_reference([*loso, *ablation])

@@ -190,7 +190,7 @@ def prepare_caches(config: TrainConfig, root: Path, splits, input_size: int, cac
         bar = lambda it, split=split: tqdm(it, desc=f"caching {split}", leave=False, disable=not show)
         build = partial(ensure_cache, image_dir=image_dir, label_file=label_file, cache_dir=cache_dir,
                         input_size=input_size, crop_fraction=config.crop_fraction, color=config.cache, progress=bar,
-                        lung_weights=lung_weights, film_size=config.film_size)
+                        lung_weights=lung_weights, film_size=config.film_size, film_jpeg=config.film_jpeg)
         try:
             caches[split] = build(records)
         except CorruptImagesError as err:
@@ -595,6 +595,7 @@ def evaluate_and_export(model, config, args, root, splits, loaders, mean, std, n
         "crop_fraction": config.crop_fraction,
         "equalize": config.equalize,
         "film_size": config.film_size,
+        "film_jpeg": config.film_jpeg,
         "mean": list(mean),
         "std": list(std),
         "normalization_source": norm_source,

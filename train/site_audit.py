@@ -20,20 +20,19 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
 
+from covidtl.cache import card_cache
 from covidtl.classes import CLASSES
-from covidtl.config import config_from_dict, replace
-from covidtl.export import CARD_SUFFIX, CardError, load_model, select_exported, set_card_entry
-from covidtl.labels import LabelFileError
+from covidtl.export import CardError, load_model, select_exported, set_card_entry
+from covidtl.labels import LabelFileError, parse_label_file, split_paths
+from covidtl.loaders import eval_loader
 from covidtl.locate import DatasetUnavailableError
 from covidtl.models import get_spec
-from covidtl.scan import CorruptImagesError, MissingImagesError
+from covidtl.scan import CorruptImagesError, MissingImagesError, check_images
 from covidtl.site_audit import audit_model
-from train.run import load_splits, lung_weights_for, prepare_caches, scoring_loader
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -45,6 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--splits", nargs="+", default=["val", "test"], help="splits to probe (default: val test)")
     p.add_argument("--lung-weights", type=Path, help="lung model for lung-crop models (default: the shipped one)")
     p.add_argument("--cache-dir", type=Path, help="where image caches live")
+    p.add_argument("--num-workers", type=int, default=2, help="data loader workers")
     p.add_argument("--write", action=argparse.BooleanOptionalAction, default=True, help="write the result into each card")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
@@ -52,27 +52,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def audit_card(path: Path, args: argparse.Namespace) -> dict:
-    """The site audit of the exported classifier `path` on `args.splits` of `args.data`."""
+    """The site audit of the exported classifier `path` on `args.splits` of `args.data`, its films
+    framed by `covidtl.cache.card_cache` as the model's training cache framed them."""
     model, card = load_model(path, device=args.device)
-    config = config_from_dict({k: tuple(v) if isinstance(v, list) else v for k, v in card["config"].items()},
-                              source=str(path.with_suffix(CARD_SUFFIX)))
-    if config.cache == "none" and config.crop == "none":
-        config = replace(config, cache="gray")  # decode each film once
-    lung_weights = lung_weights_for(config, SimpleNamespace(lung_weights=args.lung_weights))
-    every = load_splits(args.data, "error", "error", scan=False)
-    missing = sorted(set(args.splits) - set(every))
-    if missing:
-        raise ValueError(f"{args.data} has no {missing} split; it has {sorted(every)}")
-    splits = {s: every[s] for s in args.splits}
-    splits, caches = prepare_caches(config, args.data, splits, config.image_size(), args.cache_dir, "error",
-                                    args.progress, lung_weights)
+    lung_weights = None
+    if card.get("lung_crop"):
+        from covidtl.lungs import default_lung_weights
+
+        lung_weights = args.lung_weights or default_lung_weights()
     pieces = []
-    for split, (records, image_dir) in splits.items():
-        pieces.append((scoring_loader(records, image_dir, split, caches, config, card["mean"], card["std"]), records))
+    for split in args.splits:
+        label_file, image_dir = split_paths(args.data, split)
+        records = check_images(parse_label_file(label_file), image_dir, on_missing="error")
+        bar = lambda it, split=split: tqdm(it, desc=f"caching {split}", leave=False, disable=not args.progress)  # noqa: E731
+        cache = card_cache(card, records, image_dir, label_file, lung_weights, args.cache_dir, progress=bar)
+        loader = eval_loader(records, image_dir, card["input_size"], card["mean"], card["std"],
+                             card.get("crop_fraction", 0.9), num_workers=args.num_workers, cache=cache,
+                             equalize=bool(card.get("equalize", False)))
+        pieces.append((loader, records))
     bar = lambda it: tqdm(it, desc=f"features {path.stem}", leave=False, disable=not args.progress)  # noqa: E731
-    result = audit_model(model, get_spec(card["architecture"]).head, pieces, args.device, seed=config.seed,
-                         progress=bar)
-    return {"data": args.data.resolve().name, "splits": list(splits), **result}
+    result = audit_model(model, get_spec(card["architecture"]).head, pieces, args.device,
+                         seed=int(card.get("config", {}).get("seed", 0)), progress=bar)
+    return {"data": args.data.resolve().name, "splits": list(args.splits), **result}
 
 
 def run(args: argparse.Namespace) -> dict[str, dict]:
