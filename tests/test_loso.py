@@ -224,3 +224,24 @@ def test_the_fold_audit_scores_a_folds_model_as_the_fold_scored_it(tiny_covidx, 
     assert "no fold holding out 'srcB'" in capsys.readouterr().err
     assert fold_audit.main([*argv, "--held-out", "srcA", "--runs-dir", str(tmp_path / "elsewhere")]) == 2
     assert "no fold checkpoint" in capsys.readouterr().err
+
+
+def test_a_resumed_run_keeps_the_folds_it_has_and_runs_the_rest(tiny_covidx, tmp_path, monkeypatch, capsys):
+    trained = []
+
+    def spy_fit(model, loader, *args, **kwargs):
+        trained.append({r.source for r in loader.dataset.records})
+        return run_fit(model, loader, *args, **kwargs)
+
+    monkeypatch.setattr(loso, "fit", spy_fit)
+    recipe, out = _recipe(tmp_path / "recipe.toml"), tmp_path / "tiny.loso.json"
+    argv = ["--recipe", str(recipe), "--data", str(tiny_covidx), "--epochs", "1", "--n-boot", "20", "--out", str(out),
+            "--runs-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache")]
+    assert loso.main([*argv, "--sources", "srcA"]) == 0
+    first = json.loads(out.read_text())["folds"][0]
+    assert loso.main([*argv, "--sources", "srcA", "srcB", "--resume"]) == 0
+    assert trained == [{"srcB"}, {"srcA"}]  # srcA's fold (trained on srcB) once, then srcB's only
+    result = json.loads(out.read_text())
+    assert [fold["held_out"] for fold in result["folds"]] == ["srcA", "srcB"] and result["folds"][0] == first
+    assert loso.main([*argv, "--sources", "srcA", "srcB", "--resume", "--seed", "7"]) == 2
+    assert "is another run (seed 1, not 7)" in capsys.readouterr().err

@@ -10,12 +10,14 @@ splits (none of them was seen). That is the honest estimate of how the recipe do
 hospital it has never seen. Writes one JSON that `python -m train.model_table` turns
 into the leave-one-source-out table of weights/README.md; no weights are exported.
 A source whose images are all of one class gets only the rate of that class (all
-negative: specificity at the fold's threshold); AUC needs both.
+negative: specificity at the fold's threshold); AUC needs both. The JSON is written after
+every fold; `--resume` runs only the sources a stopped run's JSON lacks.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -69,7 +71,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lung-weights", type=Path, help="lung model for a crop = \"lungs\" recipe (default: the shipped one)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
+                   help="keep the folds already in --out (a stopped run of the same recipe, data, epochs and "
+                        "seed) and run only the sources it lacks")
     return p.parse_args(argv)
+
+
+def resumed_folds(out: Path, result: dict) -> list[dict]:
+    """The folds of the earlier run in `out`, which must be `result`'s run (recipe, data, epochs,
+    seed); [] when there is no `out` yet."""
+    if not out.is_file():
+        return []
+    earlier = json.loads(out.read_text())
+    differ = [key for key in ("recipe", "data", "epochs", "seed") if earlier.get(key) != result[key]]
+    if differ:
+        raise ValueError(f"--resume: {out} is another run ({', '.join(f'{k} {earlier.get(k)!r}' for k in differ)}, "
+                         f"not {', '.join(repr(result[k]) for k in differ)}); give another --out or leave out --resume")
+    return list(earlier["folds"])
 
 
 def _fold_logits(model, pieces, caches, config, mean, std, device) -> tuple[np.ndarray, np.ndarray]:
@@ -177,6 +195,13 @@ def run(args: argparse.Namespace) -> dict:
         "command": shipped_command(sys.argv[1:], prog="python -m train.loso"),
         "folds": [],
     }
+    if args.resume:
+        earlier = resumed_folds(out, result)
+        result["folds"] = [fold for fold in earlier if fold["held_out"] in chosen]
+        done = {fold["held_out"] for fold in result["folds"]}
+        if done:
+            log.info("resuming %s: keeping the folds %s", out, sorted(done))
+        chosen = [source for source in chosen if source not in done]
     for source in chosen:
         log.info("fold: hold out %s", source)
         fold = run_fold(source, config, splits, caches, args.runs_dir / "loso" / config.name, device, args.progress,
