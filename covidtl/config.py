@@ -167,6 +167,13 @@ class TrainConfig:
         """The side of the square the network sees: the recipe's `input_size`, else the backbone's."""
         return self.input_size if self.input_size is not None else get_spec(self.backbone).input_size
 
+    def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """The normalization the network sees: the recipe's `mean` and `std`, else the backbone's."""
+        if self.mean is not None:
+            return self.mean, self.std
+        spec = get_spec(self.backbone)
+        return spec.mean, spec.std
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -381,6 +381,15 @@ def default_lung_weights() -> Path:
     return Path(__file__).resolve().parents[1] / "weights" / f"{LUNG_MODEL_NAME}.safetensors"
 
 
+def card_lung_weights(card: dict[str, Any], given: str | Path | None) -> Path | None:
+    """The lung model file a classifier's card needs: `given`, else the shipped one, for a card
+    trained on lung crops (``lung_crop``); None for any other card. Which lung model it is, is
+    checked where it is used (`covidtl.cache.card_cache`)."""
+    if not card.get("lung_crop"):
+        return None
+    return Path(given) if given is not None else default_lung_weights()
+
+
 # --- training data and metrics ------------------------------------------------------
 
 

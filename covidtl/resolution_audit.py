@@ -6,8 +6,8 @@ covidx-large's bimcv and rsna films come from). A model whose decision flips whe
 arrives at half or twice its size, or as such a square, decides partly by the copy, not by
 the lungs, and its answers at a new site depend on how that site exports. The "jpeg" variant is
 that collection's kind of copy (224 x 224, JPEG quality 92), and "database" the same made from
-the database's 299 x 299 film: the cue covidx-large ties to both of its largest one-class sources. Each film is scored
-as it is and in each of `VARIANTS`; the audit reports, per variant, the share of decisions that
+the database's 299 x 299 film: the cue covidx-large ties to both of its largest one-class
+sources. Each film is scored as it is and in each of `VARIANTS`; the audit reports, per variant, the share of decisions that
 changed and the sensitivity and specificity at the model's own threshold beside the
 unchanged films'. Scoring goes through `covidtl.inference.Predictor`, the app's path (lung
 crop, film size and equalization included).
@@ -48,7 +48,8 @@ def _jpeg(image: Image.Image) -> Image.Image:
 
 
 def _database_copy(image: Image.Image) -> Image.Image:
-    return film_copy(image.resize((DATABASE_SIDE, DATABASE_SIDE), Image.Resampling.BILINEAR), SQUARE_SIDE, COPY_QUALITY)
+    database = image.resize((DATABASE_SIDE, DATABASE_SIDE), Image.Resampling.BILINEAR)
+    return film_copy(database, SQUARE_SIDE, COPY_QUALITY)
 
 
 # name -> (what it stands for, the change); the one list the audit, its command, the cards and the

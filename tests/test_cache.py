@@ -314,3 +314,12 @@ def test_a_lung_crop_cards_cache_needs_the_lung_model_it_was_trained_with(tiny_c
     with pytest.raises(ValueError, match="is another; pass the one shipped beside the model"):
         card_cache(card, records, image_dir, label_file, fake_lungs, tmp_path)
     assert not any(tmp_path.glob("*px-*"))  # nothing was built
+
+
+def test_a_card_names_the_lung_model_file_it_needs(tmp_path):
+    from covidtl.lungs import card_lung_weights, default_lung_weights
+
+    crop = {"lung_crop": {"lung_model": "lungs_lite0_unet", "lung_model_sha256": "f"}}
+    assert card_lung_weights(crop, None) == default_lung_weights()
+    assert card_lung_weights(crop, str(tmp_path / "mine.safetensors")) == tmp_path / "mine.safetensors"
+    assert card_lung_weights({"name": "whole"}, tmp_path / "mine.safetensors") is None

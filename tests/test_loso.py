@@ -12,6 +12,7 @@ import pytest
 import train.run as train_run
 from covidtl import cards
 from train import loso, model_table
+from covidtl.config import load_recipe
 from train.run import fit as run_fit
 
 
@@ -245,3 +246,19 @@ def test_a_resumed_run_keeps_the_folds_it_has_and_runs_the_rest(tiny_covidx, tmp
     assert [fold["held_out"] for fold in result["folds"]] == ["srcA", "srcB"] and result["folds"][0] == first
     assert loso.main([*argv, "--sources", "srcA", "srcB", "--resume", "--seed", "7"]) == 2
     assert "is another run (seed 1, not 7)" in capsys.readouterr().err
+
+
+def test_a_fold_is_normalized_as_its_recipe_says(tmp_path):
+    """TrainConfig.mean_std: the recipe's mean and std when it gives them, else the backbone's; the
+    fold audit's card (and train.loso's folds) use it."""
+    from covidtl.models import get_spec
+    from train.fold_audit import fold_card
+
+    fold = {"held_out": "srcA", "threshold": 0.4, "temperature": 1.2}
+    own = load_recipe(_recipe(tmp_path / "own.toml", "mean = [0.3, 0.3, 0.3]\nstd = [0.2, 0.2, 0.2]\n"))
+    backbone = load_recipe(_recipe(tmp_path / "backbone.toml"))
+    assert own.mean_std() == ((0.3,) * 3, (0.2,) * 3)
+    spec = get_spec("squeezenet1_1")
+    assert backbone.mean_std() == (spec.mean, spec.std)
+    card = fold_card(own, fold, None)
+    assert (card["mean"], card["std"], card["threshold"]) == ([0.3] * 3, [0.2] * 3, 0.4) and "lung_crop" not in card

@@ -25,6 +25,7 @@ from covidtl.export import CardError, atomic_write_json, card_temperature, load_
 from covidtl.labels import LabelFileError, parse_label_file, split_paths
 from covidtl.loaders import eval_loader
 from covidtl.locate import DatasetUnavailableError
+from covidtl.lungs import card_lung_weights
 from covidtl.scan import CorruptImagesError, MissingImagesError, check_images, scan_images
 
 log = logging.getLogger("train.evaluate")
@@ -58,11 +59,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     records = scan_images(records, image_dir, on_corrupt=args.on_corrupt)
     # cut each film to its lungs and bring it to the card's film size, in the card's colour, as in
     # training and in the app (None: whole films at their own size, which the loader frames alike)
-    lung_weights = None
-    if card.get("lung_crop"):
-        from covidtl.lungs import default_lung_weights
-
-        lung_weights = args.lung_weights or default_lung_weights()
+    lung_weights = card_lung_weights(card, args.lung_weights)
     bar = lambda it: tqdm(it, desc="caching films", leave=False, disable=not args.progress)  # noqa: E731
     cache = card_cache(card, records, image_dir, label_file, lung_weights, args.cache_dir, progress=bar)
     loader = eval_loader(records, image_dir, card["input_size"], card["mean"], card["std"],

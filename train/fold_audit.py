@@ -36,7 +36,7 @@ from covidtl.images import load_image
 from covidtl.inference import Predictor
 from covidtl.labels import LabelFileError, parse_label_file, split_paths, spread
 from covidtl.locate import DatasetUnavailableError
-from covidtl.models import create_model, get_spec
+from covidtl.models import create_model
 from covidtl.resolution_audit import audit_films
 from covidtl.scan import MissingImagesError, check_images
 from train.run import lung_weights_for
@@ -63,8 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def fold_card(config: TrainConfig, fold: dict[str, Any], lung_card: dict[str, Any] | None) -> dict[str, Any]:
     """The card a Predictor needs for a fold's model: the recipe's framing, the fold's threshold
     and temperature (chosen on the validation films of the sources it trained on)."""
-    spec = get_spec(config.backbone)
-    mean, std = (config.mean, config.std) if config.mean is not None else (spec.mean, spec.std)
+    mean, std = config.mean_std()
     card = {
         "name": f"{config.name} without {fold['held_out']}",
         "architecture": config.backbone,

@@ -120,7 +120,7 @@ def run_fold(source: str, config, splits, caches, runs_dir: Path, device: torch.
     started = time.perf_counter()
     seed_everything(config.seed)
     spec = get_spec(config.backbone)
-    mean, std = (config.mean, config.std) if config.mean is not None else (spec.mean, spec.std)
+    mean, std = config.mean_std()
     train_records, train_dir = splits["train"]
     kept = [r for r in keep_sources(train_records, config.train_sources, "train") if r.source != source]
     val_records, val_dir = splits["val"]

@@ -30,6 +30,7 @@ from covidtl.export import CardError, load_model, select_exported, set_card_entr
 from covidtl.labels import LabelFileError, parse_label_file, split_paths
 from covidtl.loaders import eval_loader
 from covidtl.locate import DatasetUnavailableError
+from covidtl.lungs import card_lung_weights
 from covidtl.models import get_spec
 from covidtl.scan import CorruptImagesError, MissingImagesError, check_images
 from covidtl.site_audit import audit_model
@@ -55,11 +56,7 @@ def audit_card(path: Path, args: argparse.Namespace) -> dict:
     """The site audit of the exported classifier `path` on `args.splits` of `args.data`, its films
     framed by `covidtl.cache.card_cache` as the model's training cache framed them."""
     model, card = load_model(path, device=args.device)
-    lung_weights = None
-    if card.get("lung_crop"):
-        from covidtl.lungs import default_lung_weights
-
-        lung_weights = args.lung_weights or default_lung_weights()
+    lung_weights = card_lung_weights(card, args.lung_weights)
     pieces = []
     for split in args.splits:
         label_file, image_dir = split_paths(args.data, split)
