@@ -11,8 +11,8 @@ gives the same tensors, augmentation included (``Resize`` is a no-op on the squa
 one difference: with ``crop_scale < 1`` random crops are drawn from the square instead of
 the whole resized film.
 
-On disk, one folder per (image folder, input size, crop fraction, colour) under the cache
-folder (:func:`default_cache_dir`)::
+On disk, one folder per (image folder, records, input size, crop fraction, colour) under the
+cache folder (:func:`default_cache_dir`)::
 
     <name>-<side>px-<color>-<key>/
       pixels.npy    uint8 [N, side, side] ("gray") or [N, side, side, 3] ("rgb")
@@ -29,10 +29,12 @@ predicted mask is implausible are kept whole; ``ImageCache.kept_whole`` names th
 the reason. The lung model's sha256 is part of the folder key, so another lung model
 gets another cache.
 
-A cache is rebuilt when its label file, its records, an image file's size or mtime, or the
-geometry differs from what is asked for; a different input size or colour gets its own
-folder. Builds run in worker processes and are published atomically, under a file lock,
-so concurrent training processes (torchrun ranks) build it once.
+A cache is rebuilt when its label file, an image file's size or mtime, or the geometry
+differs from what is asked for; other records (a subset of a split, say), a different input
+size or colour get their own folder, so caching a few films of a split never replaces the
+cache that another job is reading. Builds run in worker processes and are published
+atomically, under a file lock, so concurrent training processes (torchrun ranks) build it
+once.
 """
 
 from __future__ import annotations
@@ -182,10 +184,20 @@ def _files_fingerprint(records: Sequence[Record], image_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def _folder_name(image_dir: Path, input_size: int, crop_fraction: float, color: str, lung_sha: str | None = None,
-                 film_size: int | None = None, film_jpeg: int | None = None) -> str:
+def _records_fingerprint(records: Sequence[Record]) -> str:
+    """sha256 over the records' file names and labels, in order: the rows a cache holds."""
+    digest = hashlib.sha256()
+    for record in records:
+        digest.update(f"{record.filename}\0{record.label}\n".encode())
+    return digest.hexdigest()
+
+
+def _folder_name(image_dir: Path, records_sha: str, input_size: int, crop_fraction: float, color: str,
+                 lung_sha: str | None = None, film_size: int | None = None, film_jpeg: int | None = None) -> str:
     side = round(input_size / crop_fraction)
-    text = f"{image_dir.resolve()}\0{input_size}\0{crop_fraction!r}\0{color}"
+    # The records are part of the key: a job caching other films of this folder (a subset of a
+    # split) gets its own cache instead of replacing, under a running job, the one it reads.
+    text = f"{image_dir.resolve()}\0{records_sha}\0{input_size}\0{crop_fraction!r}\0{color}"
     if lung_sha is not None:  # lung-cropped: another cache per lung model
         text += f"\0lungs\0{lung_sha}"
     if film_size is not None:  # films at one resolution: another cache per film size
@@ -403,7 +415,8 @@ def ensure_cache(
     lung_sha = None if lung_weights is None else sha256_file(Path(lung_weights))
     if film_jpeg is not None and film_size is None:
         raise ValueError("film_jpeg makes each film into a film_size copy: give film_size too")
-    folder = cache_dir / _folder_name(image_dir, input_size, crop_fraction, color, lung_sha, film_size, film_jpeg)
+    folder = cache_dir / _folder_name(image_dir, _records_fingerprint(records), input_size, crop_fraction, color,
+                                      lung_sha, film_size, film_jpeg)
     side = round(input_size / crop_fraction)
     expected = {
         "version": FORMAT_VERSION,
@@ -529,7 +542,13 @@ class CachedDataset(torch.utils.data.Dataset):
     def image(self, index: int) -> Image.Image:
         """Record ``index``'s cached square, RGB, ``side x side``."""
         if self._pixels is None:
-            self._pixels = self.cache.pixels()
+            pixels = self.cache.pixels()
+            if len(pixels) != len(self.cache):  # replaced since this job opened it
+                raise RuntimeError(
+                    f"the image cache {self.cache.path} now holds {len(pixels)} images, not the "
+                    f"{len(self.cache)} this job indexed: another process rebuilt it; run this job again"
+                )
+            self._pixels = pixels
         image = Image.fromarray(np.array(self._pixels[self.rows[index]]))
         return image if image.mode == "RGB" else image.convert("RGB")
 

@@ -339,6 +339,15 @@ MUTATIONS = [
              'set_card_entry(path, "resolution_audit", result)',
              "pass",
              ("tests/test_resolution_audit.py::test_the_command_writes_each_cards_audit_shown_in_the_card_and_the_table",)),
+    # ---- a cache per record set: caching a subset never replaces the cache a running job reads
+    Mutation("the cache folder ignores the records", "covidtl/cache.py",
+             'text = f"{image_dir.resolve()}\\0{records_sha}\\0{input_size}',
+             'text = f"{image_dir.resolve()}\\0{input_size}',
+             ("tests/test_cache.py::test_caching_a_subset_leaves_a_running_jobs_cache_alone",)),
+    Mutation("a replaced cache is read at shifted rows", "covidtl/cache.py",
+             "if len(pixels) != len(self.cache):  # replaced since this job opened it",
+             "if False:",
+             ("tests/test_cache.py::test_caching_a_subset_leaves_a_running_jobs_cache_alone",)),
     # ---- a card's cache (train.evaluate, the shipped-weights test): framed as its training cache
     Mutation("a card's cache is grey whatever its colour", "covidtl/cache.py",
              'color = card.get("config", {}).get("cache", "gray")',

@@ -3,6 +3,7 @@ exactly the tensors of the uncached pipeline."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -115,10 +116,13 @@ def test_cache_is_rebuilt_when_label_file_records_or_images_change(tiny_covidx, 
     label_file.write_text(label_file.read_text() + "\n")  # same records, different file
     build()
     assert len(progress.lengths) == 2
-    fewer = build(records[:-2])
+    fewer = build(records[:-2])  # other records: a cache of their own
     assert progress.lengths[-1] == len(records) - 2 and len(fewer) == len(records) - 2
+    assert fewer.path != first.path
     build()
-    assert len(progress.lengths) == 4
+    assert len(progress.lengths) == 3  # the whole split's cache is still there
+    relabelled = build([dataclasses.replace(records[0], label=1 - records[0].label)] + records[1:])
+    assert len(progress.lengths) == 4 and relabelled.path not in (first.path, fewer.path)
     # An image replaced on disk (new size and mtime).
     path = image_dir / records[0].filename
     Image.new("RGB", (64, 64), (200, 200, 200)).save(path)
@@ -127,6 +131,23 @@ def test_cache_is_rebuilt_when_label_file_records_or_images_change(tiny_covidx, 
     assert len(progress.lengths) == 5 and rebuilt.path == first.path
     assert rebuilt.pixels()[0].min() == 200
     assert not list((tmp_path / "cache").glob("*.building-*"))
+
+
+def test_caching_a_subset_leaves_a_running_jobs_cache_alone(tiny_covidx, tmp_path):
+    """A job reading a split's cache keeps its rows while another process caches some of the same
+    films; a cache replaced under a job anyway is refused by name, not read at shifted rows."""
+    records, image_dir, label_file = _split(tiny_covidx)
+    whole = ensure_cache(records, image_dir, label_file, tmp_path, SIZE, 0.9, "gray", num_workers=0)
+    dataset = CachedDataset(whole, records, transform=None)
+    expected = [np.asarray(dataset.image(i)) for i in range(len(records))]
+    subset = ensure_cache(records[3:5], image_dir, label_file, tmp_path, SIZE, 0.9, "gray", num_workers=0)
+    assert subset.path != whole.path and len(whole.pixels()) == len(records)
+    reopened = CachedDataset(whole, records, transform=None)
+    assert all((np.asarray(reopened.image(i)) == expected[i]).all() for i in range(len(records)))
+
+    np.save(whole.path / "pixels.npy", np.zeros((2, 36, 36), dtype=np.uint8))  # what a rebuild in place did
+    with pytest.raises(RuntimeError, match=r"now holds 2 images, not the 12 .* run this job again"):
+        CachedDataset(whole, records, transform=None).image(len(records) - 1)
 
 
 def test_other_size_or_color_gets_its_own_cache(tiny_covidx, tmp_path):
