@@ -295,3 +295,19 @@ def test_torchrun_two_processes_agree_and_only_rank0_writes(tiny_covidx, tmp_pat
     assert sum("exported" in line for line in proc.stderr.splitlines()) == 1
     model, card = load_model(tmp_path / "weights/tiny.safetensors")
     assert card["data"]["splits"]["train"]["n"] == 12
+
+
+def test_every_command_reports_an_expected_failure_in_one_line_and_a_bug_with_its_traceback(capsys):
+    """train.cli.report_errors, around every long `python -m train.*` command."""
+    from train.cli import EXIT_ERROR, report_errors
+
+    def fails():
+        raise FileNotFoundError("no label file val.txt in /data: is it a COVIDx folder?")
+
+    assert report_errors(fails, (FileNotFoundError, ValueError)) == EXIT_ERROR == 2
+    assert capsys.readouterr().err == "error: no label file val.txt in /data: is it a COVIDx folder?\n"
+    assert report_errors(lambda: None, (ValueError,)) == 0
+    assert report_errors(lambda: 3, (ValueError,)) == 3
+    assert report_errors(lambda: {"auc": 0.9}, (ValueError,)) == 0  # a result, not a status
+    with pytest.raises(KeyError):  # not an expected failure: a bug, with its traceback
+        report_errors(lambda: {}["missing"], (FileNotFoundError, ValueError))

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ from covidtl.images import load_image
 from covidtl.inference import Predictor
 from covidtl.labels import parse_label_file, split_paths
 from covidtl.lungs import default_lung_weights, load_lung_model, view_lung_masks
+from train.cli import report_errors, setup_logging
 
 log = logging.getLogger("train.audit")
 
@@ -49,7 +49,7 @@ def audit_card(path: Path, data: Path, lung_model: torch.nn.Module, batch_size: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    setup_logging()
     p = argparse.ArgumentParser(prog="python -m train.audit", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights-dir", type=Path, default=Path("weights"))
@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", nargs="+", help="only these model names")
     p.add_argument("--lung-weights", type=Path, help="lung model (default: the shipped one)")
     args = p.parse_args(argv)
-    try:
+
+    def work() -> None:
         lung_model = load_lung_model(args.lung_weights or default_lung_weights())[0]
         for path in list_exported(args.weights_dir):
             if args.models and path.stem not in args.models:
@@ -69,10 +70,8 @@ def main(argv: list[str] | None = None) -> int:
             shares = card["shortcut_audit"]["mean_energy_share"]
             print(f"{card['name']}: lungs {shares['lungs']} border {shares['border']} "
                   f"(fallbacks {card['shortcut_audit']['lung_fallbacks']} of {card['shortcut_audit']['n']})")
-    except (CardError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+
+    return report_errors(work, (CardError, FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":

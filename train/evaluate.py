@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
 import torch
@@ -27,6 +26,7 @@ from covidtl.loaders import eval_loader
 from covidtl.locate import DatasetUnavailableError
 from covidtl.lungs import card_lung_weights
 from covidtl.scan import CorruptImagesError, MissingImagesError, check_images, scan_images
+from train.cli import report_errors, setup_logging
 
 log = logging.getLogger("train.evaluate")
 
@@ -96,17 +96,16 @@ def summary_lines(report: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    setup_logging()
     args = parse_args(argv)
-    try:
+
+    def work() -> None:
         report = evaluate(args)
-    except (DatasetUnavailableError, LabelFileError, MissingImagesError, CorruptImagesError, CardError,
-            FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print("\n".join(summary_lines(report)))
-    print(f"report: {args.out / 'report.json'}")
-    return 0
+        print("\n".join(summary_lines(report)))
+        print(f"report: {args.out / 'report.json'}")
+
+    return report_errors(work, (DatasetUnavailableError, LabelFileError, MissingImagesError, CorruptImagesError,
+                                CardError, FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":

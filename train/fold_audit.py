@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import sys
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -40,6 +38,7 @@ from covidtl.models import create_model
 from covidtl.resolution_audit import audit_films
 from covidtl.scan import MissingImagesError, check_images
 from train.run import lung_weights_for
+from train.cli import report_errors, setup_logging
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -140,15 +139,10 @@ def _line(source: str, audit: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    setup_logging()
     args = parse_args(argv)
-    try:
-        run(args)
-    except (DatasetUnavailableError, LabelFileError, MissingImagesError, CardError, FileNotFoundError,
-            ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return report_errors(lambda: run(args), (DatasetUnavailableError, LabelFileError, MissingImagesError, CardError,
+                                             FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ from train.run import (
     shipped_command,
     site_blind_setup,
 )
+from train.cli import report_errors, setup_logging
 
 log = logging.getLogger("train.loso")
 
@@ -218,15 +219,10 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    setup_logging()
     args = parse_args(argv)
-    try:
-        run(args)
-    except (DatasetUnavailableError, PretrainedWeightsUnavailable, LabelFileError, MissingImagesError,
-            CorruptImagesError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return report_errors(lambda: run(args), (DatasetUnavailableError, PretrainedWeightsUnavailable, LabelFileError,
+                                             MissingImagesError, CorruptImagesError, FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":

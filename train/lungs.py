@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import logging
 import random
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,6 +33,7 @@ from covidtl.lungs import (
     read_split,
 )
 from covidtl.models import PretrainedWeightsUnavailable, count_parameters
+from train.cli import report_errors, setup_logging
 
 log = logging.getLogger("train.lungs")
 
@@ -125,13 +125,10 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    setup_logging()
     args = parse_args(argv)
-    try:
-        return fit(args) if args.command == "fit" else evaluate(args)
-    except (PretrainedWeightsUnavailable, CardError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    command = fit if args.command == "fit" else evaluate
+    return report_errors(lambda: command(args), (PretrainedWeightsUnavailable, CardError, FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":

@@ -15,8 +15,6 @@ card's threshold, per variant. Then regenerate weights/README.md with `python -m
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 from pathlib import Path
 
 from tqdm import tqdm
@@ -28,6 +26,7 @@ from covidtl.labels import LabelFileError, Record, parse_label_file, split_paths
 from covidtl.locate import DatasetUnavailableError
 from covidtl.resolution_audit import audit_films
 from covidtl.scan import MissingImagesError, check_images
+from train.cli import report_errors, setup_logging
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -79,15 +78,10 @@ def _rate(value: float | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    setup_logging()
     args = parse_args(argv)
-    try:
-        run(args)
-    except (DatasetUnavailableError, LabelFileError, MissingImagesError, CardError, FileNotFoundError,
-            ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return report_errors(lambda: run(args), (DatasetUnavailableError, LabelFileError, MissingImagesError, CardError,
+                                             FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":

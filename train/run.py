@@ -45,6 +45,7 @@ from covidtl.scan import CorruptImagesError, MissingImagesError, check_images, s
 from covidtl.site_audit import audit_model
 from covidtl.site_blind import SiteBlindHeads, feature_width, source_targets
 from covidtl.stats import compute_stats
+from train.cli import report_errors, setup_logging
 
 log = logging.getLogger("train")
 
@@ -645,12 +646,8 @@ def evaluate_and_export(model, config, args, root, splits, loaders, mean, std, n
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    setup_logging()
     args = parse_args(argv)
-    try:
-        return run(args)
-    except (DatasetUnavailableError, PretrainedWeightsUnavailable, LabelFileError, MissingImagesError,
-            CorruptImagesError, CheckpointError, CardError, FileNotFoundError, ValueError) as err:
-        # Expected, actionable failures: one clear line, no traceback.
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return report_errors(lambda: run(args), (DatasetUnavailableError, PretrainedWeightsUnavailable, LabelFileError,
+                                             MissingImagesError, CorruptImagesError, CheckpointError, CardError,
+                                             FileNotFoundError, ValueError))

@@ -17,8 +17,6 @@ untouched) unless `--no-write`; then regenerate weights/README.md with
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 from pathlib import Path
 
 import torch
@@ -34,6 +32,7 @@ from covidtl.lungs import card_lung_weights
 from covidtl.models import get_spec
 from covidtl.scan import CorruptImagesError, MissingImagesError, check_images
 from covidtl.site_audit import audit_model
+from train.cli import report_errors, setup_logging
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -90,15 +89,10 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    setup_logging()
     args = parse_args(argv)
-    try:
-        run(args)
-    except (DatasetUnavailableError, LabelFileError, MissingImagesError, CorruptImagesError, CardError,
-            FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return report_errors(lambda: run(args), (DatasetUnavailableError, LabelFileError, MissingImagesError,
+                                             CorruptImagesError, CardError, FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":
