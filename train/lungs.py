@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = parse_args(argv)
     command = fit if args.command == "fit" else evaluate
-    return report_errors(lambda: command(args), (PretrainedWeightsUnavailable, CardError, FileNotFoundError, ValueError))
+    return report_errors(lambda: command(args),
+                         (PretrainedWeightsUnavailable, CardError, FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":
